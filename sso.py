@@ -40,6 +40,8 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) where it happ
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
 10. Learning rate 5e-6 by default: large enough that a 135M model visibly moves in a classroom run.
 11. Only response positions go through the LM head (prompt logits are never used), in fp32 chunks.
+12. Each pair's context is run once and its keys/values reused for the two responses (same values, fewer FLOPs);
+    with --gradient-checkpointing (no cache in checkpointed layers) full sequences are used instead.
 """
 
 import argparse
@@ -313,21 +315,29 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         (logp_sum, n_tokens), each Shape: (B,).
     """
     assert input_ids.shape == attention_mask.shape == labels.shape and input_ids.dim() == 2
+    body, head, config = split_lm(model)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding safe, also for GPT-2
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
-    body, head = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False).last_hidden_state  # (B, T, H)
-    targets = labels[:, 1:]  # (B, T-1): the token each position predicts
-    scored = targets != IGNORE_INDEX  # (B, T-1)
-    rows_hidden, rows_target = hidden[:, :-1][scored], targets[scored]  # (N, H), (N,): response positions only
+    return response_logps(head, config, hidden[:, :-1], labels[:, 1:])  # position t predicts label t+1
+
+
+def split_lm(model):
+    """(transformer body, LM head, config) of a causal LM, also inside a peft wrapper."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings(), causal_lm.config
+
+
+def response_logps(head, config, hidden: torch.Tensor, targets: torch.Tensor):
+    """NOTE(impl) 11: the LM head only where a target counts, in fp32 chunks. Shape: (B, T, H), (B, T) -> (B,), (B,)."""
+    scored = targets != IGNORE_INDEX  # (B, T)
+    rows_hidden, rows_target = hidden[scored], targets[scored]  # (N, H), (N,): response positions only
     chunk = max(1, LOGITS_CHUNK_ELEMENTS // head.out_features)
-    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
     token_logps = [token_logprobs(head(h), t, softcap) for h, t in zip(rows_hidden.split(chunk), rows_target.split(chunk))]
     token_logps = torch.cat(token_logps) if token_logps else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
-    row_index = scored.nonzero()[:, 0]
-    logp_sum = torch.zeros(len(labels), dtype=torch.float32, device=hidden.device).index_add(0, row_index, token_logps)
-    return logp_sum, scored.sum(-1)
+    logp_sum = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)
+    return logp_sum.index_add(0, scored.nonzero()[:, 0], token_logps), scored.sum(-1)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
@@ -338,11 +348,44 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, softcap: float |
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
+def shared_context_logps(model, contexts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """sequence_logps of [context_i + response] for k responses per context, the context computed once.
+
+    NOTE(impl) 12: the context's keys/values (KV cache) are reused by its k responses, so each pair costs one context
+    forward instead of two; gradients flow through the cache. Same values as sequence_logps on the full sequences.
+    Shape: B contexts, B·k responses (context i's responses at rows i·k ... i·k+k-1) -> (B·k,), (B·k,).
+    """
+    repeats = len(responses) // len(contexts)
+    body, head, config = split_lm(model)
+    device = head.weight.device
+    ctx = {k: v.to(device) for k, v in pad_batch(contexts, [len(c) for c in contexts], pad_id, side="left").items()}
+    out = body(input_ids=ctx["input_ids"], attention_mask=ctx["attention_mask"],
+               position_ids=(ctx["attention_mask"].cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(repeats)  # (B·k, ...) keys and values, still in the autograd graph
+    resp = {k: v.to(device) for k, v in pad_batch(responses, [0] * len(responses), pad_id).items()}  # (B·k, Tr)
+    ctx_mask = ctx["attention_mask"].repeat_interleave(repeats, 0)  # (B·k, Tc)
+    positions = ctx_mask.sum(-1, keepdim=True) + torch.arange(resp["input_ids"].shape[1], device=device)  # (B·k, Tr)
+    hidden = body(input_ids=resp["input_ids"], attention_mask=torch.cat([ctx_mask, resp["attention_mask"]], -1),
+                  position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state  # (B·k, Tr, H)
+    last_context = out.last_hidden_state[:, -1:].repeat_interleave(repeats, 0)  # (B·k, 1, H): predicts token 0
+    return response_logps(head, config, torch.cat([last_context, hidden[:, :-1]], 1), resp["labels"])
+
+
 def forward_logps(model, triples: list[Triple], pair: str, eot_id: int, pad_id: int, device) -> tuple:
-    """(logp_sum, n_tokens) of chosen and rejected of one pair in one forward: each (B,)."""
-    batch = {k: v.to(device) for k, v in collate_pair(triples, pair, eot_id, pad_id).items()}
-    logp_sum, n_tokens = sequence_logps(model, **batch)  # (2B,) chosen then rejected
-    return logp_sum.chunk(2) + n_tokens.chunk(2)
+    """(logp_sum, n_tokens) of chosen and rejected of one pair: each (B,)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    checkpointing = getattr(causal_lm, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5 calls it is_gradient_checkpointing
+        checkpointing = causal_lm.is_gradient_checkpointing
+    if causal_lm.training and checkpointing:  # checkpointed layers drop the KV cache
+        batch = {k: v.to(device) for k, v in collate_pair(triples, pair, eot_id, pad_id).items()}
+        logp_sum, n_tokens = sequence_logps(model, **batch)  # (2B,) chosen then rejected
+        return logp_sum.chunk(2) + n_tokens.chunk(2)
+    parts = [pair_sequences(t, pair) for t in triples]
+    responses = [ids + [eot_id] for context, chosen, rejected in parts for ids in (chosen, rejected)]
+    logp_sum, n_tokens = shared_context_logps(model, [p[0] for p in parts], responses, pad_id)  # (2B,) interleaved
+    return logp_sum[0::2], logp_sum[1::2], n_tokens[0::2], n_tokens[1::2]
 
 
 def pair_logps(model, triples, eot_id, pad_id, device, pairs=PAIRS) -> dict[str, torch.Tensor]:

@@ -245,6 +245,36 @@ def test_chunked_logps_equal_unchunked(tokenizer, monkeypatch):
     torch.testing.assert_close(whole, chunked)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_context_forward_equals_full_sequences(tokenizer, arch):
+    """NOTE(impl) 12: one context forward reused by both responses gives the values and gradients of sequence_logps."""
+    model = make_model(tokenizer, arch)
+    triples = random_triples(3, seed=1)
+    for pair in sso.PAIRS:
+        full_sum, full_n = sso.sequence_logps(model, **sso.collate_pair(triples, pair, 257, 257))  # (2B,)
+        shared = sso.forward_logps(model, triples, pair, 257, 257, "cpu")
+        torch.testing.assert_close(torch.cat(shared[:2]), full_sum, atol=1e-4, rtol=1e-5)
+        assert torch.equal(torch.cat(shared[2:]), full_n)
+    model.zero_grad()
+    sum(sso.forward_logps(model, triples, "neg", 257, 257, "cpu")[:2]).sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sso.sequence_logps(model, **sso.collate_pair(triples, "neg", 257, 257))[0].sum().backward()
+    for shared_grad, param in zip(shared_grads, model.parameters()):
+        torch.testing.assert_close(shared_grad, param.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_path_equals_shared_path(tokenizer):
+    model = make_model(tokenizer)
+    triples = random_triples(2, seed=4)
+    shared = sso.forward_logps(model, triples, "pos", 257, 257, "cpu")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    checkpointed = sso.forward_logps(model, triples, "pos", 257, 257, "cpu")
+    for a, b in zip(shared, checkpointed):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # collation and tokenisation (SPEC §5)
 
