@@ -376,8 +376,9 @@ def test_parse_features_survives_garbage(principles):
         assert len(picked) == 2 == len(set(picked)) and set(picked) <= set(known)
     picked = sso.parse_features("**Helpfulness**, Concision, Literariness, Safety", known, 2, rng)
     assert len(picked) == 2 and set(picked) <= {"Helpfulness", "Literariness", "Safety"}  # never Concision here
-    assert sso.parse_features("Logicality", known, 2, rng)[0] == "Logicality" or "Logicality" in \
-        sso.parse_features("Logicality", known, 2, rng)
+    assert sorted(sso.parse_features("1. **Safety** and helpfulness.", known, 2, rng)) == ["Helpfulness", "Safety"]
+    one = sso.parse_features("Logicality", known, 2, rng)  # one found, the other filled at random
+    assert "Logicality" in one and len(set(one)) == 2
 
 
 def test_concision_rate(principles):
@@ -680,6 +681,19 @@ def test_bad_input_one_line_error(case, tmp_path, tiny_dir, capsys):
     assert message in error_line(capsys.readouterr().err)
 
 
+def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "run"
+    (out / "iter_1").mkdir(parents=True)
+    for name in ("config.json", "state.json", "iter_1/triples.jsonl"):
+        (out / name).write_text('{"completed_iters": 1}')
+    for bad in (["--prompts", str(tmp_path / "missing.jsonl")], ["--model", str(tmp_path / "missing.gguf")],
+                ["--principles", write(tmp_path / "p.json", "[")]):
+        with pytest.raises(SystemExit):
+            sso.main(["--model", tiny_dir, "--output-dir", str(out), "--overwrite", *bad])
+        error_line(capsys.readouterr().err)
+        assert all((out / name).exists() for name in ("config.json", "state.json", "iter_1/triples.jsonl"))
+
+
 def test_cli_errors_have_no_traceback(tmp_path, tiny_dir):
     unknown = run_cli("--model", "no-such-org/no-such-model", "--output-dir", str(tmp_path / "a"))
     existing = tmp_path / "b"
@@ -692,3 +706,84 @@ def test_cli_errors_have_no_traceback(tmp_path, tiny_dir):
         assert result.returncode == 2 and message in error_line(result.stderr)
     assert "Offline?" in unknown.stderr
     assert (existing / "keep.txt").read_text() == "precious"  # nothing already saved is lost
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA (--lora-rank): adapters train, merge at the end of the iteration, the next reference is the merged model
+
+
+def test_lora_trains_adapters_merges_and_next_reference_is_merged(tokenizer, principles, monkeypatch):
+    pytest.importorskip("peft")
+    args = args_for("--lora-rank", "4", "--lr", "5e-2", "--feature-selection", "random", "--prompts-per-iter", "3")
+    policy = make_model(tokenizer)
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    seen = {}
+    real_train, real_reference = sso.train_iteration, sso.reference_logps
+
+    def spy_train(model, triples, ref, *rest):
+        out = real_train(model, triples, ref, *rest)
+        seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            seen["adapted"] = sso.pair_logps(model, triples, 257, 257, "cpu")  # adapters active, not yet merged
+        seen["triples"] = triples
+        return out
+
+    def spy_reference(ref_model, triples, *rest):
+        seen.setdefault("reference_weights", []).append({k: v.clone() for k, v in ref_model.state_dict().items()})
+        return real_reference(ref_model, triples, *rest)
+
+    monkeypatch.setattr(sso, "train_iteration", spy_train)
+    monkeypatch.setattr(sso, "reference_logps", spy_reference)
+    queries = ["What is 2+2?", "Name a colour.", "Say hi."]
+    merged, *_ = sso.run_iteration(policy, tokenizer, queries, principles, args, 1, lambda r, s: None)
+    assert type(merged).__name__ == "LlamaForCausalLM"  # adapters merged away, a plain model to save
+    assert seen["trainable"] and all("lora_" in n for n in seen["trainable"])  # only adapters train
+    merged_state = {k: v.clone() for k, v in merged.state_dict().items()}
+    assert set(merged_state) == set(start)
+    changed = [k for k in start if not torch.equal(start[k], merged_state[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # linear layers only; embeddings, norms kept
+    with torch.no_grad():
+        after_merge = sso.pair_logps(merged, seen["triples"], 257, 257, "cpu")
+    for key in ("base_chosen_sum", "pos_rejected_sum", "neg_chosen_sum"):
+        torch.testing.assert_close(after_merge[key], seen["adapted"][key], atol=1e-4, rtol=1e-5)
+    sso.run_iteration(merged, tokenizer, queries, principles, args, 2, lambda r, s: None)
+    second_reference = seen["reference_weights"][1]
+    for key, value in merged_state.items():  # iteration 2's frozen reference is the merged model of iteration 1
+        torch.testing.assert_close(second_reference[key], value, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the classroom experiment's report (experiments/ablations.py), on fabricated run folders
+
+
+def test_ablation_report_matches_metrics(tmp_path):
+    sys.path.insert(0, str(HERE / "experiments"))
+    import ablations
+
+    gen = random.Random(0)
+    expected = {}
+    for variant in ablations.VARIANTS:
+        for t in (1, 2):
+            record = {key: (gen.randint(1, 9) if key == "kept" else gen.uniform(-3, 3)) for key, _, _ in
+                      ablations.ITERATION_COLUMNS}
+            (tmp_path / variant / f"iter_{t}").mkdir(parents=True)
+            (tmp_path / variant / f"iter_{t}" / "metrics.json").write_text(json.dumps(record))
+            expected[(ablations.LABELS[variant], t)] = record
+        held = {"held_out_margin": gen.uniform(-1, 1), "held_out_acc": 0.625, "held_out_n": 8}
+        (tmp_path / variant / "held_out.json").write_text(json.dumps(held))
+        expected[ablations.LABELS[variant]] = held
+    lines = ablations.report(tmp_path, 2).splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    iteration_rows = [r for r in rows if len(r) == 2 + len(ablations.ITERATION_COLUMNS) and r[1].isdigit()]
+    assert len(iteration_rows) == 8
+    for row in iteration_rows:
+        record = expected[(row[0], int(row[1]))]
+        for (key, _, fmt), cell in zip(ablations.ITERATION_COLUMNS, row[2:]):
+            assert cell == fmt.format(record[key]) and float(cell) == pytest.approx(record[key], abs=0.5)
+    held_rows = [r for r in rows if len(r) == 4 and r[0] in expected]
+    assert len(held_rows) == 4
+    for label, margin, acc, n in held_rows:
+        assert float(margin) == pytest.approx(expected[label]["held_out_margin"], abs=5e-4)
+        assert (acc, n) == (f"{0.625:.2f}", "8")
+    (tmp_path / "no_g" / "iter_2" / "metrics.json").unlink()  # an unfinished variant: its row is simply missing
+    assert sum(line.startswith("| w/o G | 2 |") for line in ablations.report(tmp_path, 2).splitlines()) == 0

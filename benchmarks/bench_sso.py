@@ -105,7 +105,7 @@ def main() -> None:
         policy.load_state_dict(initial)
         one_at_a_time = copy.copy(args)
         one_at_a_time.gen_batch_size = 1
-        stop_ids = sorted({eot_id, tokenizer.eos_token_id} | set(sso.as_list(policy.generation_config.eos_token_id)))
+        stop_ids = sso.stop_token_ids(policy, tokenizer)
         sso.seed_everything(args.seed)
         started = time.time()
         features = sso.select_features(policy, tokenizer, queries, principles, one_at_a_time, random.Random(0), stop_ids)
