@@ -488,6 +488,7 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], stop_ids: list[
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [None] * len(prompts)
     device = next(model.parameters()).device
+    model.eval()  # in train mode, gradient-checkpointed layers would drop the KV cache
     kwargs = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) if sample else dict(do_sample=False)
     for start in tqdm(range(0, len(order), args.gen_batch_size), desc=desc, leave=False):
         rows = order[start:start + args.gen_batch_size]

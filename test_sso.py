@@ -393,6 +393,15 @@ def test_random_feature_selection_needs_no_model(principles, tokenizer):
     assert all(len(set(p[:2])) == 2 and set(p[:2]) <= set(principles["selectable"]) for p in picked)
 
 
+def test_sampling_a_model_left_in_train_mode_with_checkpointing(tokenizer):
+    """A model built from a config starts in train mode; checkpointed layers would then drop the KV cache."""
+    model = make_model(tokenizer)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    out = sso.generate_batched(model, tokenizer, [[256, 5, 6, 7], [256, 9]], [257], args_for("--max-new-tokens", "5"))
+    assert len(out) == 2 and all(len(ids) <= 5 for ids in out) and not model.training
+
+
 def test_filter_drops_empty_and_duplicates():
     base = random_triples(1)[0]
     triples = [base._replace(chosen="a", rejected="b", plain="c"), base._replace(chosen="", rejected="b", plain="c"),

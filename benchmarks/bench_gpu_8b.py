@@ -61,7 +61,7 @@ def main() -> None:
     args = sso.parse_args(["--prompts-per-iter", str(cli.prompts_per_iter), "--max-new-tokens", str(cli.max_new_tokens),
                            "--lora-rank", str(cli.lora_rank), "--batch-size", str(cli.batch_size),
                            "--micro-batch-size", str(cli.micro_batch_size), "--gen-batch-size", str(cli.gen_batch_size),
-                           "--gradient-checkpointing", "--output-dir", "/tmp/sso-bench-8b"])
+                           "--gradient-checkpointing", "--iters", "1", "--output-dir", "/tmp/sso-bench-8b"])
     principles = sso.load_principles(args.principles)
     lines = Path(args.prompts).read_text().splitlines()  # plain json: the GPU image has no `datasets`
     queries = [json.loads(line)["prompt"] for line in lines][:args.prompts_per_iter]
