@@ -38,7 +38,8 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) where it happ
  7. A response is scored as exactly the sampled token ids plus one end-of-turn token, under every context.
  8. Triples with an empty response, or with two identical responses, are dropped before training.
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
-10. Learning rate 5e-6 by default: large enough that a 135M model visibly moves in a classroom run.
+10. Learning rate 5e-6 by default, a cautious value (the seeds give none); a 135M model moves slowly at it, and the
+    classroom experiment uses 2e-5.
 11. Only response positions go through the LM head (prompt logits are never used), in fp32 chunks.
 12. Each pair's context is run once and its keys/values reused for the two responses (same values, fewer FLOPs);
     with --gradient-checkpointing (no cache in checkpointed layers) full sequences are used instead.

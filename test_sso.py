@@ -207,11 +207,10 @@ def test_sequence_logps_matches_naive_for_any_padding(tokenizer, arch, side):
     sequences = [[gen.randrange(256) for _ in range(n)] for n in (9, 4, 13)]
     starts = [3, 1, 8]
     expected = naive_logps(model, sequences, starts)
-    for extra in (0, 5):  # extra padding beyond the longest row
-        padded = sso.pad_batch([s + [0] * 0 for s in sequences], starts, pad_id=7, side=side)
-        if extra:
-            padded = sso.pad_batch(sequences + [[1] * (13 + extra)], starts + [13 + extra], pad_id=7, side=side)
-            padded = {k: v[:3] for k, v in padded.items()}
+    for extra in (0, 5):  # extra padding beyond the longest row (13 tokens)
+        padded = sso.pad_batch(sequences + [[1] * (13 + extra)], starts + [1], pad_id=7, side=side)
+        padded = {k: v[:3] for k, v in padded.items()}  # drop the filler row, keep its width
+        assert padded["input_ids"].shape == (3, 13 + extra)
         with torch.no_grad():
             logp_sum, n_tokens = sso.sequence_logps(model, **padded)
         torch.testing.assert_close(logp_sum, expected, atol=1e-4, rtol=1e-5)
