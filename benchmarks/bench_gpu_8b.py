@@ -21,27 +21,52 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sso  # noqa: E402
 
-LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
-                  rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=[128001, 128008, 128009], tie_word_embeddings=False)
-TINY = dict(LLAMA31_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                 "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-                 "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+LLAMA31_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=[128001, 128008, 128009],
+    tie_word_embeddings=False,
+)
+TINY = dict(
+    LLAMA31_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
 
 def stand_in_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over all of Llama 3's ids; the special tokens sit at Llama 3's ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    specials = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128006: "<|start_header_id|>",
-                128007: "<|end_header_id|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>"}
+    specials = {
+        128000: "<|begin_of_text|>",
+        128001: "<|end_of_text|>",
+        128006: "<|start_header_id|>",
+        128007: "<|end_header_id|>",
+        128008: "<|eom_id|>",
+        128009: "<|eot_id|>",
+    }
     vocab = {specials.get(i, f"w{i}"): i for i in range(vocab_size)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                        pad_token="<|end_of_text|>", chat_template=CHAT_TEMPLATE)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>",
+        chat_template=CHAT_TEMPLATE,
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": list(specials.values())})
     return tokenizer
 
@@ -58,13 +83,30 @@ def main() -> None:
     cli = parser.parse_args()
     device = torch.device("cpu" if cli.tiny else "cuda")
     dtype = torch.float32 if cli.tiny else torch.bfloat16
-    args = sso.parse_args(["--prompts-per-iter", str(cli.prompts_per_iter), "--max-new-tokens", str(cli.max_new_tokens),
-                           "--lora-rank", str(cli.lora_rank), "--batch-size", str(cli.batch_size),
-                           "--micro-batch-size", str(cli.micro_batch_size), "--gen-batch-size", str(cli.gen_batch_size),
-                           "--gradient-checkpointing", "--iters", "1", "--output-dir", "/tmp/sso-bench-8b"])
+    args = sso.parse_args(
+        [
+            "--prompts-per-iter",
+            str(cli.prompts_per_iter),
+            "--max-new-tokens",
+            str(cli.max_new_tokens),
+            "--lora-rank",
+            str(cli.lora_rank),
+            "--batch-size",
+            str(cli.batch_size),
+            "--micro-batch-size",
+            str(cli.micro_batch_size),
+            "--gen-batch-size",
+            str(cli.gen_batch_size),
+            "--gradient-checkpointing",
+            "--iters",
+            "1",
+            "--output-dir",
+            "/tmp/sso-bench-8b",
+        ]
+    )
     principles = sso.load_principles(args.principles)
     lines = Path(args.prompts).read_text().splitlines()  # plain json: the GPU image has no `datasets`
-    queries = [json.loads(line)["prompt"] for line in lines][:args.prompts_per_iter]
+    queries = [json.loads(line)["prompt"] for line in lines][: args.prompts_per_iter]
 
     started = time.time()
     config = LlamaConfig(**(TINY if cli.tiny else LLAMA31_8B))
@@ -80,11 +122,14 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    policy, triples, record, timings = sso.run_iteration(policy, tokenizer, queries, principles, args, 1,
-                                                         lambda r, line: print(line))
+    policy, triples, record, timings = sso.run_iteration(
+        policy, tokenizer, queries, principles, args, 1, lambda r, line: print(line)
+    )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    print(f"\n{len(queries)} prompts, {args.max_new_tokens} new tokens, LoRA r={args.lora_rank}, "
-          f"batch {args.batch_size} (micro {args.micro_batch_size}), {record['kept']} triples kept")
+    print(
+        f"\n{len(queries)} prompts, {args.max_new_tokens} new tokens, LoRA r={args.lora_rank}, "
+        f"batch {args.batch_size} (micro {args.micro_batch_size}), {record['kept']} triples kept"
+    )
     print("| phase | seconds | tokens/s |\n|---|---|---|")
     for phase in ("select", "sample", "reference", "train"):
         seconds, tokens = timings.get(f"{phase}_s", 0.0), timings.get(f"{phase}_tokens")

@@ -24,11 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sso  # noqa: E402
 
 
-def plain_forward_logps(model, triples, pair, eot_id, pad_id):
+def plain_forward_logps(model, triples, pair, eot_id, pad_id, device="cpu"):
     """Full (B, T, V) logits of whole sequences, log-softmax over the vocabulary, then gather: the textbook way."""
-    batch = sso.collate_pair(triples, pair, eot_id, pad_id)
+    batch = {k: v.to(device) for k, v in sso.collate_pair(triples, pair, eot_id, pad_id).items()}
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids).logits
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids
+    ).logits
     logps = logits[:, :-1].float().log_softmax(-1)  # (2B, T-1, V)
     labels = batch["labels"][:, 1:]
     mask = labels != sso.IGNORE_INDEX
@@ -37,29 +39,30 @@ def plain_forward_logps(model, triples, pair, eot_id, pad_id):
     return sums.chunk(2) + counts.chunk(2)
 
 
-def plain_pair_logps(model, triples, eot_id, pad_id):
-    out = {}
-    for pair in sso.PAIRS:
-        sum_c, sum_r, n_c, n_r = plain_forward_logps(model, triples, pair, eot_id, pad_id)
-        for side, logp_sum, n_tok in (("chosen", sum_c, n_c), ("rejected", sum_r, n_r)):
-            out[f"{pair}_{side}_sum"], out[f"{pair}_{side}_n"], out[f"{pair}_{side}_mean"] = logp_sum, n_tok, logp_sum / n_tok
-    return out
-
-
 def plain_train(policy, ref_model, triples, eot_id, pad_id, args) -> tuple[float, float]:
     """One epoch; the frozen reference is run again inside every step. Returns (reference seconds, training seconds)."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     ref_seconds, started = 0.0, time.time()
     policy.train()
     for start in range(0, len(triples), args.batch_size):
-        batch = triples[start:start + args.batch_size]
+        batch = triples[start : start + args.batch_size]
         ref_started = time.time()
         with torch.no_grad():
-            ref = sso.loss_inputs(plain_pair_logps(ref_model, batch, eot_id, pad_id), args.loss)
+            ref = sso.loss_inputs(
+                sso.pair_logps(ref_model, batch, eot_id, pad_id, "cpu", forward=plain_forward_logps), args.loss
+            )
         ref_seconds += time.time() - ref_started
-        policy_in = sso.loss_inputs(plain_pair_logps(policy, batch, eot_id, pad_id), args.loss)
-        loss, _ = sso.sso_loss(policy_in, {k: v for k, v in ref.items() if not k.startswith("w_")}, beta=args.beta,
-                               alpha=args.alpha, gamma=args.gamma, loss_type=args.loss)
+        policy_in = sso.loss_inputs(
+            sso.pair_logps(policy, batch, eot_id, pad_id, "cpu", forward=plain_forward_logps), args.loss
+        )
+        loss, _ = sso.sso_loss(
+            policy_in,
+            {k: v for k, v in ref.items() if not k.startswith("w_")},
+            beta=args.beta,
+            alpha=args.alpha,
+            gamma=args.gamma,
+            loss_type=args.loss,
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -79,12 +82,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--skip-plain", action="store_true", help="time the optimised path only")
     cli = parser.parse_args()
-    args = sso.parse_args(["--prompts-per-iter", str(cli.prompts_per_iter), "--max-new-tokens", str(cli.max_new_tokens),
-                           "--batch-size", str(cli.batch_size), "--output-dir", "/tmp/sso-bench"])
+    args = sso.parse_args(
+        [
+            "--prompts-per-iter",
+            str(cli.prompts_per_iter),
+            "--max-new-tokens",
+            str(cli.max_new_tokens),
+            "--batch-size",
+            str(cli.batch_size),
+            "--output-dir",
+            "/tmp/sso-bench",
+        ]
+    )
     args.model = sso.resolve_model(cli.model)
     print(f"model: {args.model} | threads: {torch.get_num_threads()} | torch {torch.__version__}")
     principles = sso.load_principles(args.principles)
-    queries = sso.load_prompts(args.prompts)[:args.prompts_per_iter]
+    queries = sso.load_prompts(args.prompts)[: args.prompts_per_iter]
 
     started = time.time()
     policy, tokenizer = sso.load_model(args.model, torch.device("cpu"), torch.float32)
@@ -96,10 +109,13 @@ def main() -> None:
     started = time.time()
     policy, triples, record, t = sso.run_iteration(policy, tokenizer, queries, principles, args, 1, lambda r, s: None)
     fast_rss = peak_rss_mb()
-    fast = {"model load": (load_s, None), "feature selection": (t["select_s"], None),  # phase: (seconds, tokens)
-            "sampling": (t["sample_s"], t["sample_tokens"]),
-            "reference log-probs": (t["reference_s"], t["reference_tokens"]),
-            "training": (t["train_s"], t["train_tokens"])}
+    fast = {
+        "model load": (load_s, None),
+        "feature selection": (t["select_s"], None),  # phase: (seconds, tokens)
+        "sampling": (t["sample_s"], t["sample_tokens"]),
+        "reference log-probs": (t["reference_s"], t["reference_tokens"]),
+        "training": (t["train_s"], t["train_tokens"]),
+    }
     plain = {}
     if not cli.skip_plain:  # plain: same start weights; the log-prob phases use the same triples, so the same tokens
         policy.load_state_dict(initial)
@@ -108,29 +124,49 @@ def main() -> None:
         stop_ids = sso.stop_token_ids(policy, tokenizer)
         sso.seed_everything(args.seed)
         started = time.time()
-        features = sso.select_features(policy, tokenizer, queries, principles, one_at_a_time, random.Random(0), stop_ids)
+        features = sso.select_features(
+            policy, tokenizer, queries, principles, one_at_a_time, random.Random(0), stop_ids
+        )
         plain["feature selection"] = (time.time() - started, None)
         systems, contexts = sso.build_contexts(tokenizer, queries, features, principles)
         started = time.time()
         sampled = sso.sample_triples(policy, tokenizer, queries, features, systems, contexts, one_at_a_time, stop_ids)
-        plain["sampling"] = (time.time() - started, sum(len(x.chosen_ids) + len(x.rejected_ids) + len(x.plain_ids)
-                                                        for x in sampled))
+        plain["sampling"] = (
+            time.time() - started,
+            sum(len(x.chosen_ids) + len(x.rejected_ids) + len(x.plain_ids) for x in sampled),
+        )
         ref_s, train_s = plain_train(policy, sso.frozen_copy(policy), triples, eot_id, pad_id, args)
-        plain.update({"model load": fast["model load"], "reference log-probs": (ref_s, fast["reference log-probs"][1]),
-                      "training": (train_s, fast["training"][1])})
+        plain.update(
+            {
+                "model load": fast["model load"],
+                "reference log-probs": (ref_s, fast["reference log-probs"][1]),
+                "training": (train_s, fast["training"][1]),
+            }
+        )
 
-    print(f"\n{len(queries)} prompts, {args.max_new_tokens} new tokens, batch size {args.batch_size}, "
-          f"{record['kept']} triples kept\n")
+    print(
+        f"\n{len(queries)} prompts, {args.max_new_tokens} new tokens, batch size {args.batch_size}, "
+        f"{record['kept']} triples kept\n"
+    )
     print("| phase | optimised s | optimised tokens/s | plain s | plain tokens/s | plain / optimised |")
     print("|---|---|---|---|---|---|")
     rate = lambda seconds, tokens: f"{tokens / seconds:.0f}" if tokens else "-"  # noqa: E731
     for name, (seconds, tokens) in fast.items():
         plain_s, plain_tokens = plain.get(name, (None, None))
-        print(f"| {name} | {seconds:.1f} | {rate(seconds, tokens)} | "
-              + (f"{plain_s:.1f} | {rate(plain_s, plain_tokens)} | {plain_s / seconds:.2f}x |" if plain_s else "- | - | - |"))
+        print(
+            f"| {name} | {seconds:.1f} | {rate(seconds, tokens)} | "
+            + (
+                f"{plain_s:.1f} | {rate(plain_s, plain_tokens)} | {plain_s / seconds:.2f}x |"
+                if plain_s
+                else "- | - | - |"
+            )
+        )
     fast_total = sum(seconds for seconds, _ in fast.values())
     plain_total = sum(seconds for seconds, _ in plain.values())
-    print(f"| **whole iteration** | **{fast_total:.1f}** | | **{plain_total:.1f}** | | **{plain_total / fast_total:.2f}x** |")
+    print(
+        f"| **whole iteration** | **{fast_total:.1f}** | | **{plain_total:.1f}** | | "
+        f"**{plain_total / fast_total:.2f}x** |"
+    )
     print(f"\npeak RSS: optimised path {fast_rss:.0f} MB; whole benchmark {peak_rss_mb():.0f} MB")
 
 

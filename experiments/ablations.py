@@ -22,10 +22,18 @@ import sso  # noqa: E402
 
 VARIANTS = {"sso": [], "no_w": ["--no-w"], "no_g": ["--no-g"], "no_w_no_g": ["--no-w", "--no-g"]}
 LABELS = {"sso": "SSO", "no_w": "w/o W", "no_g": "w/o G", "no_w_no_g": "w/o W, G (PBAA)"}
-ITERATION_COLUMNS = [("kept", "kept", "{:d}"), ("logp_chosen", "logp y+", "{:.3f}"), ("logp_rejected", "logp y-", "{:.3f}"),
-                     ("logp_plain", "logp y0", "{:.3f}"), ("len_chosen", "len y+", "{:.0f}"),
-                     ("len_rejected", "len y-", "{:.0f}"), ("len_plain", "len y0", "{:.0f}"),
-                     ("margin_base", "margin base", "{:.3f}"), ("acc_base", "acc base", "{:.2f}"), ("w", "W", "{:.3f}")]
+ITERATION_COLUMNS = [
+    ("kept", "kept", "{:d}"),
+    ("logp_chosen", "logp y+", "{:.3f}"),
+    ("logp_rejected", "logp y-", "{:.3f}"),
+    ("logp_plain", "logp y0", "{:.3f}"),
+    ("len_chosen", "len y+", "{:.0f}"),
+    ("len_rejected", "len y-", "{:.0f}"),
+    ("len_plain", "len y0", "{:.0f}"),
+    ("margin_base", "margin base", "{:.3f}"),
+    ("acc_base", "acc base", "{:.2f}"),
+    ("w", "W", "{:.3f}"),
+]
 
 
 def split_prompts(source: str, held_out: int, seed: int, root: Path) -> tuple[str, list[str]]:
@@ -43,12 +51,12 @@ def sample_held_out(model, tokenizer, queries, principles, args, path: Path) -> 
         return [sso.Triple(**row) for row in json.loads(path.read_text())]
     rng = random.Random(args.seed)
     sso.seed_everything(args.seed)
-    eot_id = sso.end_of_turn_id(tokenizer)
     stop_ids = sso.stop_token_ids(model, tokenizer)
     features = sso.select_features(model, tokenizer, queries, principles, args, rng, stop_ids)
     systems, contexts = sso.build_contexts(tokenizer, queries, features, principles)
-    triples, counts = sso.filter_triples(sso.sample_triples(model, tokenizer, queries, features, systems, contexts, args,
-                                                            stop_ids))
+    triples, counts = sso.filter_triples(
+        sso.sample_triples(model, tokenizer, queries, features, systems, contexts, args, stop_ids)
+    )
     print(f"held-out triples: {counts}")
     path.write_text(json.dumps([t._asdict() for t in triples]))
     return triples
@@ -58,10 +66,15 @@ def sample_held_out(model, tokenizer, queries, principles, args, path: Path) -> 
 def held_out_margin(final_model, initial_logps, triples, eot_id, pad_id) -> dict:
     """Base-pair Δ of the final model against the initial model on the held-out triples (mean token log-probs)."""
     final = sso.pair_logps(final_model.eval(), triples, eot_id, pad_id, "cpu", ("base",))
-    margin = (final["base_chosen_mean"] - final["base_rejected_mean"]) - \
-        (initial_logps["base_chosen_mean"] - initial_logps["base_rejected_mean"])
-    return {"held_out_margin": margin.mean().item(), "held_out_acc": (margin > 0).float().mean().item(),
-            "held_out_logp_chosen": final["base_chosen_mean"].mean().item(), "held_out_n": len(triples)}
+    margin = (final["base_chosen_mean"] - final["base_rejected_mean"]) - (
+        initial_logps["base_chosen_mean"] - initial_logps["base_rejected_mean"]
+    )
+    return {
+        "held_out_margin": margin.mean().item(),
+        "held_out_acc": (margin > 0).float().mean().item(),
+        "held_out_logp_chosen": final["base_chosen_mean"].mean().item(),
+        "held_out_n": len(triples),
+    }
 
 
 def report(root: Path, iters: int) -> str:
@@ -74,7 +87,9 @@ def report(root: Path, iters: int) -> str:
             path = root / variant / f"iter_{t}" / "metrics.json"
             if path.exists():
                 record = json.loads(path.read_text())
-                cells = [fmt.format(record[key]) if record.get(key) is not None else "-" for key, _, fmt in ITERATION_COLUMNS]
+                cells = [
+                    fmt.format(record[key]) if record.get(key) is not None else "-" for key, _, fmt in ITERATION_COLUMNS
+                ]
                 lines.append(f"| {label} | {t} | " + " | ".join(cells) + " |")
         evaluation = root / variant / "held_out.json"
         if evaluation.exists():
@@ -101,8 +116,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     train_file, held_out_queries = split_prompts(cli.prompts, cli.held_out, cli.seed, root)
-    common = ["--prompts", train_file, "--iters", str(cli.iters), "--prompts-per-iter", str(cli.prompts_per_iter),
-              "--max-new-tokens", str(cli.max_new_tokens), "--seed", str(cli.seed), *extra]
+    common = [
+        "--prompts",
+        train_file,
+        "--iters",
+        str(cli.iters),
+        "--prompts-per-iter",
+        str(cli.prompts_per_iter),
+        "--max-new-tokens",
+        str(cli.max_new_tokens),
+        "--seed",
+        str(cli.seed),
+        *extra,
+    ]
     args = sso.parse_args(common)
     principles = sso.load_principles(args.principles)
 
@@ -126,8 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"##### variant {number}/4: {LABELS[variant]} ({done}/{cli.iters} iterations already done)")
         if done < cli.iters:
             resume = ["--resume"] if (out / "config.json").exists() else []
-            sso.main(["--output-dir", str(out), *resume] if resume else
-                     ["--model", str(initial_dir), "--output-dir", str(out), *common, *flags])
+            sso.main(
+                ["--output-dir", str(out), *resume]
+                if resume
+                else ["--model", str(initial_dir), "--output-dir", str(out), *common, *flags]
+            )
         if not (out / "held_out.json").exists():
             final, _ = sso.load_model(str(out / f"iter_{cli.iters}"), torch.device("cpu"), torch.float32)
             result = held_out_margin(final, initial_logps, held_triples, eot_id, pad_id)
