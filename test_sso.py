@@ -43,7 +43,7 @@ def make_tokenizer():
     )
 
 
-def make_model(tokenizer, arch="llama", seed=0):
+def make_model(tokenizer, arch="llama", seed=0, **llama_overrides):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -58,8 +58,8 @@ def make_model(tokenizer, arch="llama", seed=0):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
         tie_word_embeddings=False,
+        **{"max_position_embeddings": 2048, **llama_overrides},
         **ids,
     )
     return LlamaForCausalLM(config).eval()
@@ -746,21 +746,8 @@ def test_all_filtered_iteration_saved_without_training(tiny_dir, tmp_path, monke
 
 
 def test_prompts_longer_than_context_are_skipped(tmp_path, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path / "short-context"
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1400,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    make_model(tokenizer, max_position_embeddings=1400).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hi!\n" + "word " * 400 + "\nWhat is 2+2?\n")  # the middle one does not fit in 1400 bytes
