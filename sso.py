@@ -357,8 +357,6 @@ def pair_sequences(triple: Triple, pair: str) -> tuple[list[int], list[int], lis
         return triple.contexts["pos"], triple.chosen_ids, triple.rejected_ids  # p+, x: y+ > y-
     if pair == "neg":
         return triple.contexts["neg"], triple.plain_ids, triple.chosen_ids  # p-, x: y0 > y+
-    if pair == "plain":
-        return triple.contexts["x"], triple.plain_ids, triple.plain_ids  # log π(y0|x), logged only (SPEC §9)
     raise ValueError(pair)
 
 
@@ -407,11 +405,15 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     assert input_ids.shape == attention_mask.shape == labels.shape and input_ids.dim() == 2
     body, head, config = split_lm(model)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding safe, also for GPT-2
     hidden = body(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
     ).last_hidden_state  # (B, T, H)
     return response_logps(head, config, hidden[:, :-1], labels[:, 1:])  # position t predicts label t+1
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so left padding is safe, also for GPT-2. Shape: (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def unwrap(model):
@@ -461,7 +463,7 @@ def shared_context_logps(model, contexts: list[list[int]], responses: list[list[
     out = body(
         input_ids=ctx["input_ids"],
         attention_mask=ctx["attention_mask"],
-        position_ids=(ctx["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+        position_ids=position_ids(ctx["attention_mask"]),
         use_cache=True,
     )
     cache = out.past_key_values
@@ -731,7 +733,11 @@ def reference_logps(ref_model, triples, eot_id, pad_id, device, batch_size) -> d
     parts = []
     for start in tqdm(range(0, len(order), batch_size), desc="reference", leave=False):
         chunk = [triples[i] for i in order[start : start + batch_size]]
-        parts.append(pair_logps(ref_model, chunk, eot_id, pad_id, device, PAIRS + ("plain",)))
+        part = pair_logps(ref_model, chunk, eot_id, pad_id, device)
+        contexts, plain = [t.contexts["x"] for t in chunk], [t.plain_ids + [eot_id] for t in chunk]
+        part["plain_sum"], part["plain_n"] = shared_context_logps(ref_model, contexts, plain, pad_id)  # log π(y0|x)
+        part["plain_mean"] = part["plain_sum"] / part["plain_n"]  # logged only (SPEC §9)
+        parts.append(part)
     stacked = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
@@ -744,6 +750,7 @@ def train_iteration(policy, triples, ref, eot_id, pad_id, args, iteration, log) 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr)  # NOTE(impl) 4
     order = torch.randperm(len(triples)).tolist()
     steps, history, tokens, started = math.ceil(len(triples) / args.batch_size), [], 0, time.time()
+    ref_in_all = {k: v for k, v in loss_inputs(ref, args.loss).items() if not k.startswith("w_")}  # W: policy only
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
     for step, start in enumerate(tqdm(range(0, len(order), args.batch_size), desc="training", leave=False), 1):
         batch_index = order[start : start + args.batch_size]
@@ -752,7 +759,7 @@ def train_iteration(policy, triples, ref, eot_id, pad_id, args, iteration, log) 
             index = batch_index[micro_start : micro_start + args.micro_batch_size]
             logps = pair_logps(policy, [triples[i] for i in index], eot_id, pad_id, device)
             policy_in = loss_inputs(logps, args.loss)
-            ref_in = {k: v[index].to(device) for k, v in loss_inputs(ref, args.loss).items() if not k.startswith("w_")}
+            ref_in = {k: v[index].to(device) for k, v in ref_in_all.items()}
             loss, metrics = sso_loss(
                 policy_in,
                 ref_in,
@@ -843,10 +850,10 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration, log):
         {
             "logp_chosen": ref["base_chosen_mean"].mean().item(),  # SPEC §9: how on-policy, under x
             "logp_rejected": ref["base_rejected_mean"].mean().item(),
-            "logp_plain": ref["plain_chosen_mean"].mean().item(),
+            "logp_plain": ref["plain_mean"].mean().item(),
             "len_chosen": ref["base_chosen_n"].float().mean().item() - 1,  # minus the end-of-turn token
             "len_rejected": ref["base_rejected_n"].float().mean().item() - 1,
-            "len_plain": ref["plain_chosen_n"].float().mean().item() - 1,
+            "len_plain": ref["plain_n"].float().mean().item() - 1,
         }
     )
     # 5. optimize L = ℓ_base + W·γ·G for one epoch (paper Fig. 3 step 2, SPEC §7)

@@ -490,6 +490,20 @@ def test_reference_frozen_and_learning_signal(tokenizer):
     assert margin.mean() > 0.05 and (margin > 0).all()  # the base pair's margin and accuracy went up from 0
 
 
+def test_reference_scores_plain_response_under_x(tokenizer):
+    """log π_ref(y0|x) (SPEC §9's on-policy statistic) equals sequence_logps of the full (x, y0, EOT) sequence."""
+    model = make_model(tokenizer)
+    triples = random_triples(3, seed=6)
+    ref = sso.reference_logps(model, triples, 257, 257, "cpu", batch_size=2)
+    for i, t in enumerate(triples):
+        batch = sso.pad_batch([t.contexts["x"] + t.plain_ids + [257]], [len(t.contexts["x"])], 257)
+        with torch.no_grad():
+            logp_sum, n_tokens = sso.sequence_logps(model, **batch)
+        torch.testing.assert_close(ref["plain_sum"][i : i + 1], logp_sum, atol=1e-4, rtol=1e-5)
+        assert ref["plain_n"][i].item() == n_tokens.item() == len(t.plain_ids) + 1
+        assert ref["plain_mean"][i].item() == pytest.approx(logp_sum.item() / n_tokens.item(), rel=1e-5)
+
+
 def test_main_end_to_end(tiny_dir, tmp_path, tokenizer):
     out = tmp_path / "run"
     sso.main(

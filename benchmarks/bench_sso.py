@@ -27,7 +27,7 @@ import sso  # noqa: E402
 def plain_forward_logps(model, triples, pair, eot_id, pad_id, device="cpu"):
     """Full (B, T, V) logits of whole sequences, log-softmax over the vocabulary, then gather: the textbook way."""
     batch = {k: v.to(device) for k, v in sso.collate_pair(triples, pair, eot_id, pad_id).items()}
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    position_ids = sso.position_ids(batch["attention_mask"])
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids
     ).logits
