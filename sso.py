@@ -46,6 +46,7 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) where it happ
 13. Sampling uses a preallocated (static) KV cache in generate: same tokens; on CPU only slightly faster at best.
 14. Temperature and top-p are applied, and the token drawn, by NucleusSampler inside generate's greedy loop: the same
     distribution as generate's do_sample=True, without sorting the whole vocabulary at every step.
+15. With tied input/output embeddings the input side's gradient is sparse during training: same gradient, less work.
 """
 
 import argparse
@@ -780,6 +781,7 @@ def train_iteration(policy, triples, ref, eot_id, pad_id, args, iteration, log) 
     steps, history, tokens, started = math.ceil(len(triples) / args.batch_size), [], 0, time.time()
     ref_in_all = {k: v for k, v in loss_inputs(ref, args.loss).items() if not k.startswith("w_")}  # W: policy only
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
+    sparse_tied_embedding_grad(policy, True)
     for step, start in enumerate(tqdm(range(0, len(order), args.batch_size), desc="training", leave=False), 1):
         batch_index = order[start : start + args.batch_size]
         step_metrics = []
@@ -825,8 +827,17 @@ def train_iteration(policy, triples, ref, eot_id, pad_id, args, iteration, log) 
                 f"acc {metrics['acc_base']:.2f} | margin {metrics['margin_base']:.3f} | W {metrics['w']:.3f} | "
                 f"{elapsed:.1f} s",
             )
+    sparse_tied_embedding_grad(policy, False)
     policy.eval()
     return history, time.time() - started, tokens
+
+
+def sparse_tied_embedding_grad(model, enable: bool) -> None:
+    """NOTE(impl) 15: tied input/output embeddings (SmolLM2, GPT-2): the input side's gradient is made sparse (the rows
+    of the tokens used), added in place into the LM head's dense gradient. The dense embedding backward builds a
+    vocabulary-sized matrix per forward (six per micro-step), ~9% of a training step on 2 CPU cores. Same gradient."""
+    embed, head = unwrap(model).get_input_embeddings(), unwrap(model).get_output_embeddings()
+    embed.sparse = enable and head is not None and embed.weight is head.weight and embed.weight.requires_grad
 
 
 def run_iteration(policy, tokenizer, queries, principles, args, iteration, log):

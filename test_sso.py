@@ -58,8 +58,7 @@ def make_model(tokenizer, arch="llama", seed=0, **llama_overrides):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=False,
-        **{"max_position_embeddings": 2048, **llama_overrides},
+        **{"max_position_embeddings": 2048, "tie_word_embeddings": False, **llama_overrides},
         **ids,
     )
     return LlamaForCausalLM(config).eval()
@@ -504,6 +503,27 @@ def test_filter_drops_empty_and_duplicates():
 
 # ----------------------------------------------------------------------------------------------------------------------
 # training: the reference stays frozen, the base pair learns, end to end
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("gpt2", True), ("llama", False)])
+def test_sparse_tied_embedding_gradient_equals_dense(tokenizer, arch, tied):
+    model = make_model(tokenizer, arch, **({"tie_word_embeddings": tied} if arch == "llama" else {}))
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied
+    triples = random_triples(3, seed=4)
+    grads = []
+    for enable in (False, True):
+        sso.sparse_tied_embedding_grad(model, enable)
+        assert model.get_input_embeddings().sparse == (enable and tied)
+        for index in ([0, 1], [2]):  # two micro-batches accumulate into one gradient
+            logps = sso.pair_logps(model, [triples[i] for i in index], 257, 257, "cpu")
+            sum(v.sum() for k, v in logps.items() if k.endswith("_sum")).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    sso.sparse_tied_embedding_grad(model, False)
+    dense, sparse = grads
+    assert dense.keys() == sparse.keys() and not any(g.is_sparse for g in sparse.values())
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_reference_frozen_and_learning_signal(tokenizer):

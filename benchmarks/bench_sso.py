@@ -198,10 +198,8 @@ def main() -> None:
         )
     fast_total = sum(seconds for seconds, _ in fast.values())
     plain_total = sum(seconds for seconds, _ in plain.values())
-    print(
-        f"| **whole iteration** | **{fast_total:.1f}** | | **{plain_total:.1f}** | | "
-        f"**{plain_total / fast_total:.2f}x** |"
-    )
+    whole = f"**{plain_total:.1f}** | | **{plain_total / fast_total:.2f}x** |" if plain else "- | | - |"
+    print(f"| **whole iteration** | **{fast_total:.1f}** | | {whole}")
     print(f"\npeak RSS: optimised path {fast_rss:.0f} MB; whole benchmark {peak_rss_mb():.0f} MB")
     if cold_s:
         print(f"model load: {cold_s:.1f} s the first time (dequantise the GGUF, write the copy), {load_s:.1f} s after")
