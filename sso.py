@@ -43,7 +43,7 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) where it happ
 11. Only response positions go through the LM head (prompt logits are never used), in fp32 chunks.
 12. Each pair's context is run once and its keys/values reused for the two responses (same values, fewer FLOPs);
     with --gradient-checkpointing (no cache in checkpointed layers) full sequences are used instead.
-13. Sampling uses a preallocated (static) KV cache in generate: same tokens; on CPU only slightly faster at best.
+13. Sampling uses a preallocated (static) KV cache in generate: same tokens; on CPU no consistent speed difference.
 14. Temperature and top-p are applied, and the token drawn, by NucleusSampler inside generate's greedy loop: the same
     distribution as generate's do_sample=True, without sorting the whole vocabulary at every step.
 15. With tied input/output embeddings the input side's gradient is sparse during training: same gradient, less work.
@@ -631,7 +631,7 @@ def generate_batched(
     """Generated ids for each prompt, cut before the first stop token. Prompts sorted by length, left padded.
 
     NOTE(impl) 13: a preallocated ("static") KV cache, same tokens as a cache grown every step; on 2 CPU cores
-    benchmarks/probe_cpu.py measured 61 vs 60 tokens/s at batch 16 and 72 vs 67 at batch 32.
+    benchmarks/probe_cpu.py found no consistent difference (72 vs 67 tokens/s in one probe, 73 vs 83 in another).
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [None] * len(prompts)
