@@ -597,8 +597,8 @@ class NucleusSampler(LogitsProcessor):
 
     NOTE(impl) 14: the same rule as transformers' TemperatureLogitsWarper + TopPLogitsWarper + multinomial (keep a
     token while the probability mass ranked strictly above it is < top_p), but those sort the whole vocabulary and
-    draw noise for all of it at every step, ~40% of a decode step on 2 CPU cores. The nucleus almost always lies
-    among the top `k` tokens; the full vocabulary is sorted only when it does not.
+    draw noise for all of it at every step (benchmarks/probe_cpu.py: 67 → 83 tokens/s for 48 prompts on 2 CPU
+    cores). The nucleus almost always lies among the top `k` tokens; the whole vocabulary is sorted only when not.
     """
 
     def __init__(self, temperature: float, top_p: float, k: int = 64):
