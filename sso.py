@@ -653,9 +653,13 @@ def generate_batched(
                 logits_processor=sampler,
             )
         for row, ids in zip(rows, generated[:, batch["input_ids"].shape[1] :].tolist()):
-            cut = next((j for j, tok in enumerate(ids) if tok in stop_ids), len(ids))
-            outputs[row] = ids[:cut]
+            outputs[row] = cut_at_stop(ids, stop_ids)
     return outputs
+
+
+def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """The generated ids before the first stop token (later ids are padding after the row finished)."""
+    return ids[: next((j for j, tok in enumerate(ids) if tok in stop_ids), len(ids))]
 
 
 def select_features(model, tokenizer, queries: list[str], principles: dict, args, rng, stop_ids) -> list[list[str]]:

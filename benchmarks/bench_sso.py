@@ -15,13 +15,14 @@ what the first run ever pays, and what the plain path pays every time), then fro
 
 import argparse
 import copy
-import random
 import os
+import random
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -44,8 +45,9 @@ def plain_forward_logps(model, triples, pair, eot_id, pad_id, device="cpu"):
     return sums.chunk(2) + counts.chunk(2)
 
 
-def plain_generate(model, tokenizer, prompts, stop_ids, args, sample=True, max_new_tokens=None) -> list[list[int]]:
-    """One prompt per generate call, transformers' own sampling: the textbook loop."""
+def plain_generate(model, tokenizer, prompts, stop_ids, args, sample=True, max_new_tokens=None, desc=None):
+    """One prompt per generate call, transformers' own sampling: the textbook loop. Same signature and result as
+    sso.generate_batched, which it stands in for on the plain path."""
     outputs = []
     for prompt in prompts:
         with torch.no_grad():
@@ -56,7 +58,7 @@ def plain_generate(model, tokenizer, prompts, stop_ids, args, sample=True, max_n
                 pad_token_id=tokenizer.pad_token_id,
                 **(dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) if sample else {}),
             )[0, len(prompt) :].tolist()
-        outputs.append(ids[: next((j for j, tok in enumerate(ids) if tok in stop_ids), len(ids))])
+        outputs.append(sso.cut_at_stop(ids, stop_ids))
     return outputs
 
 
@@ -121,20 +123,16 @@ def main() -> None:
     queries = sso.load_prompts(args.prompts)[: args.prompts_per_iter]
 
     cold_s = None
-    if args.model.endswith(".gguf"):
-        with tempfile.TemporaryDirectory() as cache:
-            os.environ["SSO_CACHE"] = cache
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["SSO_CACHE"] = cache  # empty: a GGUF's first load dequantises it and writes the copy
+        if args.model.endswith(".gguf"):
             started = time.time()
-            sso.load_model(args.model, torch.device("cpu"), torch.float32)  # dequantise, write the copy
+            sso.load_model(args.model, torch.device("cpu"), torch.float32)
             cold_s = time.time() - started
-            started = time.time()
-            policy, tokenizer = sso.load_model(args.model, torch.device("cpu"), torch.float32)  # from the copy
-            load_s = time.time() - started
-        del os.environ["SSO_CACHE"]
-    else:
         started = time.time()
-        policy, tokenizer = sso.load_model(args.model, torch.device("cpu"), torch.float32)
+        policy, tokenizer = sso.load_model(args.model, torch.device("cpu"), torch.float32)  # a GGUF: from the copy
         load_s = time.time() - started
+    del os.environ["SSO_CACHE"]
     initial = copy.deepcopy(policy.state_dict())
     eot_id, pad_id = sso.end_of_turn_id(tokenizer), tokenizer.pad_token_id
 
@@ -155,21 +153,16 @@ def main() -> None:
         stop_ids = sso.stop_token_ids(policy, tokenizer)
         sso.seed_everything(args.seed)
         started = time.time()
-        prompts = [
-            sso.chat_prompt_ids(tokenizer, sso.selection_prompt(q, principles, args.num_features)) for q in queries
-        ]
-        answers = tokenizer.batch_decode(
-            plain_generate(policy, tokenizer, prompts, stop_ids, args, False, 24), skip_special_tokens=True
+        with mock.patch.object(sso, "generate_batched", plain_generate):  # sso's own steps, one prompt at a time
+            features = sso.select_features(policy, tokenizer, queries, principles, args, random.Random(0), stop_ids)
+            plain["feature selection"] = (time.time() - started, None)
+            systems, contexts = sso.build_contexts(tokenizer, queries, features, principles)
+            started = time.time()
+            sampled = sso.sample_triples(policy, tokenizer, queries, features, systems, contexts, args, stop_ids)
+        plain["sampling"] = (
+            time.time() - started,
+            sum(len(x.chosen_ids) + len(x.rejected_ids) + len(x.plain_ids) for x in sampled),
         )
-        rng = random.Random(0)
-        features = [sso.add_random_extra(sso.parse_features(a, principles["selectable"], args.num_features, rng), principles, rng)
-                    for a in answers]  # fmt: skip
-        plain["feature selection"] = (time.time() - started, None)
-        _, contexts = sso.build_contexts(tokenizer, queries, features, principles)
-        started = time.time()
-        flat = [ctx[key] for ctx in contexts for key in ("pos", "neg", "x")]
-        sampled = plain_generate(policy, tokenizer, flat, stop_ids, args)
-        plain["sampling"] = (time.time() - started, sum(len(ids) for ids in sampled))
         ref_s, train_s = plain_train(policy, sso.frozen_copy(policy), triples, eot_id, pad_id, args)
         plain.update(
             {
