@@ -6,7 +6,7 @@
 No weights are downloaded: the model is built from Llama-3.1-8B's config (4096 hidden, 32 layers, 32/8 heads, 14336 MLP,
 128,256 vocabulary) and the tokenizer is a word-level stand-in with all 128,256 ids and a Llama-3-style chat template.
 Random weights rarely emit the end-of-turn token, so every response runs to --max-new-tokens: the worst case for memory.
-Prints seconds per phase and peak GPU memory (torch.cuda.max_memory_allocated).
+Prints seconds per phase and peak GPU memory (torch.cuda.max_memory_allocated). Not yet run on a GPU.
 """
 
 import argparse
@@ -19,6 +19,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_sso import time_phases  # noqa: E402  (this folder is on sys.path when the script runs)
+
 import sso  # noqa: E402
 
 LLAMA31_8B = dict(
@@ -83,29 +85,12 @@ def main() -> None:
     cli = parser.parse_args()
     device = torch.device("cpu" if cli.tiny else "cuda")
     dtype = torch.float32 if cli.tiny else torch.bfloat16
+    flags = {k.replace("_", "-"): v for k, v in vars(cli).items() if k != "tiny"}
     args = sso.parse_args(
-        [
-            "--prompts-per-iter",
-            str(cli.prompts_per_iter),
-            "--max-new-tokens",
-            str(cli.max_new_tokens),
-            "--lora-rank",
-            str(cli.lora_rank),
-            "--batch-size",
-            str(cli.batch_size),
-            "--micro-batch-size",
-            str(cli.micro_batch_size),
-            "--gen-batch-size",
-            str(cli.gen_batch_size),
-            "--gradient-checkpointing",
-            "--iters",
-            "1",
-            "--output-dir",
-            "/tmp/sso-bench-8b",
-        ]
+        [f"--{k}={v}" for k, v in flags.items()] + ["--iters", "1", "--output-dir", "/tmp/sso-bench-8b"]
     )
     principles = sso.load_principles(args.principles)
-    lines = Path(args.prompts).read_text().splitlines()  # plain json: the GPU image has no `datasets`
+    lines = Path(args.prompts).read_text().splitlines()  # plain json: the GPU image may lack `datasets`
     queries = [json.loads(line)["prompt"] for line in lines][: args.prompts_per_iter]
 
     started = time.time()
@@ -113,8 +98,11 @@ def main() -> None:
     with torch.device(device):
         policy = LlamaForCausalLM(config).to(dtype)  # random weights, Llama-3.1-8B shapes
     policy.generation_config.eos_token_id, policy.generation_config.pad_token_id = config.eos_token_id, 128001
-    sso.disable_dropout(policy)
-    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in policy.modules():  # dropout off, as sso.load_model does
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
     tokenizer = stand_in_tokenizer(config.vocab_size)
     build_s = time.time() - started
     params = sum(p.numel() for p in policy.parameters())
@@ -122,7 +110,8 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    policy, triples, record, timings = sso.run_iteration(
+    seconds = time_phases()
+    policy, triples, record = sso.run_iteration(
         policy, tokenizer, queries, principles, args, 1, lambda r, line: print(line)
     )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -130,10 +119,10 @@ def main() -> None:
         f"\n{len(queries)} prompts, {args.max_new_tokens} new tokens, LoRA r={args.lora_rank}, "
         f"batch {args.batch_size} (micro {args.micro_batch_size}), {record['kept']} triples kept"
     )
-    print("| phase | seconds | tokens/s |\n|---|---|---|")
-    for phase in ("select", "sample", "reference", "train"):
-        seconds, tokens = timings.get(f"{phase}_s", 0.0), timings.get(f"{phase}_tokens")
-        print(f"| {phase} | {seconds:.1f} | {tokens / seconds:.0f} |" if tokens else f"| {phase} | {seconds:.1f} | - |")
+    print("| phase | seconds |\n|---|---|")
+    seconds["sampling"] = seconds.pop("sample_triples") - seconds["select_features"]
+    for phase in ("select_features", "sampling", "reference_logps", "train_epochs"):
+        print(f"| {phase} | {seconds[phase]:.1f} |")
     print(f"peak GPU memory (max_memory_allocated): {peak:.1f} GiB")
 
 
