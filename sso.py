@@ -27,7 +27,8 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
     π_ref is the merged model before fresh (zero) adapters are attached.
  4. A fresh AdamW every iteration. 5. Dropout is off, as in the released trainer.
  6. Feature selection decodes greedily; Concision is added with probability 0.2.
- 7. A response is scored as exactly the sampled token ids plus one end-of-turn token, under every context.
+ 7. A response is scored as exactly the token ids the policy sampled, under every context: a finished one with the
+    end-of-turn token that closed it, one cut at --max-new-tokens with none (it never ended).
  8. Triples with an empty response or two identical ones are dropped, and (--loop-filter) those whose y+ or y0, the
     chosen side of a pair, is stuck in a repetition loop: a small model loops often, and learns the loops it is fed.
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
@@ -107,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7)")
     add("--top-p", type=float, default=0.8, help="nucleus sampling (paper: 0.8)")
     add("--gen-batch-size", type=int, default=64, help="prompts per generate() call")
-    add("--loop-filter", action=switch, default=True, help="drop triples whose y+ or y0 loops (NOTE(impl) 8)")
+    add("--loop-filter", default="chosen", choices=["chosen", "all", "none"], help="drop triples: y+ or y0 / any loops")
     # SSO loss
     add("--loss", default="ipo", choices=["ipo", "dpo"], help="preference loss ℓ_k (paper: IPO)")
     add("--beta", type=float, default=0.1, help="β: IPO target margin 1/(2β), DPO temperature")
@@ -249,12 +250,12 @@ class Triple(NamedTuple):
     features: list[str]
     systems: dict  # {"pos": p+, "neg": p-}
     contexts: dict  # {"x" | "pos" | "neg": prompt ids}: exactly the ids given to generate
-    ids: dict  # {"chosen": y+ ~ π(·|p+,x), "rejected": y- ~ π(·|p-,x), "plain": y0 ~ π(·|x)}: sampled, no stop token
+    ids: dict  # {"chosen": y+ ~ π(·|p+,x), "rejected": y- ~ π(·|p-,x), "plain": y0 ~ π(·|x)}: as sampled
     texts: dict  # the same three, decoded
 
 
 def generate_batched(model, tokenizer, prompts, stop_ids, args, max_new_tokens, sample=True, desc="sampling"):
-    """Generated ids for each prompt, cut before the first stop token; batched, sorted by length, left padded."""
+    """Generated ids of each prompt, ending in the end-of-turn token if it finished; batched, sorted, left padded."""
     order, outputs = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), [None] * len(prompts)
     device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
     how = {"temperature": args.temperature, "top_p": args.top_p, "top_k": 0} if sample else {}  # NOTE(impl) 9
@@ -271,7 +272,8 @@ def generate_batched(model, tokenizer, prompts, stop_ids, args, max_new_tokens, 
                 streamer=bar,
             )  # fmt: skip
         for row, ids in zip(rows, generated[:, batch["input_ids"].shape[1] :].tolist()):
-            outputs[row] = ids[: next((j for j, tok in enumerate(ids) if tok in stop_ids), len(ids))]
+            end = next((j for j, tok in enumerate(ids) if tok in stop_ids), None)  # then only padding follows
+            outputs[row] = ids if end is None else ids[:end] + stop_ids[:1]  # NOTE(impl) 7: end-of-turn, stop_ids[0]
     return outputs
 
 
@@ -312,7 +314,7 @@ def looping(ids: list[int], n: int = 4, times: int = 3) -> bool:
     return any(grams.count(gram) >= times for gram in grams)
 
 
-def filter_triples(triples: list[Triple], loop_filter: bool) -> tuple[list[Triple], dict[str, int]]:
+def filter_triples(triples: list[Triple], loop_filter: str) -> tuple[list[Triple], dict[str, int]]:
     """Drop triples with an empty response or two identical ones, and (NOTE(impl) 8) with a looping y+ or y0."""
     kept, counts = [], {"dropped_empty": 0, "dropped_duplicate": 0, "dropped_looping": 0}
     for t in triples:
@@ -320,7 +322,7 @@ def filter_triples(triples: list[Triple], loop_filter: bool) -> tuple[list[Tripl
             counts["dropped_empty"] += 1
         elif len(set(t.texts.values())) < 3:
             counts["dropped_duplicate"] += 1
-        elif loop_filter and (looping(t.ids["chosen"]) or looping(t.ids["plain"])):
+        elif any(looping(t.ids[k]) for k in {"chosen": ("chosen", "plain"), "all": t.ids}.get(loop_filter, ())):
             counts["dropped_looping"] += 1
         else:
             kept.append(t)
@@ -344,12 +346,13 @@ def pad_batch(sequences: list[list[int]], label_starts: list[int], pad_id: int, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_pair(triples: list[Triple], pair: str, eot_id: int, pad_id: int, side: str = "right") -> dict:
-    """One pair as [context + response + EOT] rows, chosen rows then rejected rows: (2B, T); labels -100 on context."""
+def collate_pair(triples: list[Triple], pair: str, pad_id: int, side: str = "right") -> dict:
+    """One pair as [context + response] rows, chosen rows then rejected rows: (2B, T); labels -100 on the context."""
     context, chosen, rejected = PAIRS[pair]
     rows = [(t.contexts[context], t.ids[response]) for response in (chosen, rejected) for t in triples]
-    sequences = [prompt + response + [eot_id] for prompt, response in rows]  # NOTE(impl) 7
-    return pad_batch(sequences, [len(prompt) for prompt, _ in rows], pad_id, side)
+    return pad_batch(
+        [prompt + response for prompt, response in rows], [len(prompt) for prompt, _ in rows], pad_id, side
+    )
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
@@ -375,11 +378,11 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return logp_sum.index_add(0, scored.nonzero()[:, 0], torch.cat(token_logps)), scored.sum(-1)
 
 
-def pair_logps(model, triples, eot_id: int, pad_id: int, pairs=PAIRS) -> dict[str, torch.Tensor]:
+def pair_logps(model, triples, pad_id: int, pairs=PAIRS) -> dict[str, torch.Tensor]:
     """Sums, token counts and means of each pair, keyed "{pair}_{chosen|rejected}_{sum|n|mean}", each (B,)."""
     out, device = {}, next(model.parameters()).device
     for pair in pairs:
-        batch = {k: v.to(device) for k, v in collate_pair(triples, pair, eot_id, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_pair(triples, pair, pad_id).items()}
         logp_sum, n_tokens = sequence_logps(model, **batch)  # (2B,): chosen then rejected
         for side, total, count in zip(("chosen", "rejected"), logp_sum.chunk(2), n_tokens.chunk(2)):
             out |= {f"{pair}_{side}_sum": total, f"{pair}_{side}_n": count, f"{pair}_{side}_mean": total / count}
@@ -452,20 +455,20 @@ def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, l
 
 
 @torch.no_grad()
-def reference_logps(ref_model, triples, eot_id: int, pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:
+def reference_logps(ref_model, triples, pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:
     """log π_ref of every sequence, and of y0 under x (logged only), once per iteration, in no-grad batches."""
     parts, device = [], next(ref_model.parameters()).device
     for start in tqdm(range(0, len(triples), batch_size), desc="reference", leave=False):
         chunk = triples[start : start + batch_size]
         x = [t.contexts["x"] for t in chunk]
-        plain = pad_batch([c + t.ids["plain"] + [eot_id] for c, t in zip(x, chunk)], list(map(len, x)), pad_id)
+        plain = pad_batch([c + t.ids["plain"] for c, t in zip(x, chunk)], list(map(len, x)), pad_id)
         plain_sum, plain_n = sequence_logps(ref_model, **{k: v.to(device) for k, v in plain.items()})  # log π(y0|x)
-        part = pair_logps(ref_model, chunk, eot_id, pad_id)
+        part = pair_logps(ref_model, chunk, pad_id)
         parts.append(part | {"plain_mean": plain_sum / plain_n, "plain_n": plain_n})
     return {key: torch.cat([part[key] for part in parts]).cpu() for key in parts[0]}
 
 
-def train_epochs(policy, triples, ref: dict, eot_id: int, pad_id: int, args, iteration: int, log) -> list[dict]:
+def train_epochs(policy, triples, ref: dict, pad_id: int, args, iteration: int, log) -> list[dict]:
     """Optimize L on the iteration's triples for --epochs passes (paper Fig. 3 step 2). Returns the step metrics."""
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, fused=params[0].device.type in ("cpu", "cuda"))  # NOTE(impl) 4
@@ -477,7 +480,7 @@ def train_epochs(policy, triples, ref: dict, eot_id: int, pad_id: int, args, ite
     for step, batch in enumerate(batches, 1):
         step_metrics = []
         for micro in (batch[s : s + args.micro_batch_size] for s in range(0, len(batch), args.micro_batch_size)):
-            policy_in = loss_inputs(pair_logps(policy, [triples[i] for i in micro], eot_id, pad_id), args.loss)
+            policy_in = loss_inputs(pair_logps(policy, [triples[i] for i in micro], pad_id), args.loss)
             loss, metrics = sso_loss(
                 policy_in, {k: v[micro].to(params[0].device) for k, v in ref_in.items()}, beta=args.beta,
                 alpha=args.alpha, gamma=args.gamma, loss_type=args.loss, use_w=not args.no_w, use_g=not args.no_g,
@@ -502,7 +505,7 @@ def train_epochs(policy, triples, ref: dict, eot_id: int, pad_id: int, args, ite
 
 def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, log):
     """One SSO iteration (paper Fig. 3). Returns (policy, kept triples, iteration record)."""
-    eot_id, pad_id, stop_ids = end_of_turn_id(tokenizer), tokenizer.pad_token_id, stop_token_ids(policy, tokenizer)
+    pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(policy, tokenizer)
     torch.manual_seed(args.seed * 1000 + iteration)  # per iteration, so --resume reproduces an uninterrupted run
     rng, record = random.Random(args.seed * 1000 + iteration), {"iter": iteration}
     # 1. sample x ~ D; the policy picks its features, build p+ / p-; 2. generate y+ / y- / y0 with the current policy
@@ -516,14 +519,14 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     show_example(triples[0])
     # 4. reference log-probs (no grad) from a frozen copy made now: π_ref = π_θ at the start of the iteration
     ref_model = policy if args.lora_rank else copy.deepcopy(policy).requires_grad_(False)  # NOTE(impl) 3
-    ref = reference_logps(ref_model, triples, eot_id, pad_id, args.ref_batch_size)
+    ref = reference_logps(ref_model, triples, pad_id, args.ref_batch_size)
     del ref_model  # freed before training
     for name, key in (("chosen", "base_chosen"), ("rejected", "base_rejected"), ("plain", "plain")):
         record[f"logp_{name}"] = ref[f"{key}_mean"].mean().item()  # paper Fig. 4: how on-policy, each under x
-        record[f"len_{name}"] = ref[f"{key}_n"].float().mean().item() - 1  # minus the end-of-turn token
+        record[f"len_{name}"] = ref[f"{key}_n"].float().mean().item()  # tokens, the end-of-turn token included
     # 5. optimize L = ℓ_base + W·γ·G
     policy = add_lora(policy, args.lora_rank) if args.lora_rank else policy
-    history = train_epochs(policy, triples, ref, eot_id, pad_id, args, iteration, log)
+    history = train_epochs(policy, triples, ref, pad_id, args, iteration, log)
     record |= {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     # 6. merge the adapters; the next iteration freezes a fresh reference from this policy
     policy = policy.merge_and_unload() if args.lora_rank else policy
@@ -552,7 +555,7 @@ def add_lora(policy, rank: int):
 @torch.no_grad()  # NOTE(impl) 12: does the policy learn on prompts it never trained on?
 def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, plain=None) -> dict:
     """Base-pair Δ of the policy against π_0 on held-out (y+, y-) from π_0, and fresh plain answers y0 of the policy."""
-    logps = pair_logps(policy, held["triples"], end_of_turn_id(tokenizer), tokenizer.pad_token_id, ["base"])
+    logps = pair_logps(policy, held["triples"], tokenizer.pad_token_id, ["base"])
     margin = logps["base_chosen_mean"] - logps["base_rejected_mean"] - torch.tensor(held["initial_logratio"])  # (N,)
     resample = torch.randint(len(margin), (2000, len(margin)), generator=torch.Generator().manual_seed(args.seed))
     means = margin[resample].mean(-1)  # (2000,) bootstrap means
@@ -579,10 +582,10 @@ def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log) 
     torch.manual_seed(args.seed * 1000)
     stop_ids = stop_token_ids(policy, tokenizer)
     triples, _ = sample_triples(policy, tokenizer, queries, principles, args, random.Random(args.seed), stop_ids)
-    triples, _ = filter_triples(triples, loop_filter=False)  # the check does not depend on the training filter
+    triples, _ = filter_triples(triples, loop_filter="none")  # the check does not depend on the training filter
     if not triples:
         fail(f"no held-out triple survived (empty or identical responses); try more than --eval-prompts {len(queries)}")
-    logps = pair_logps(policy, triples, end_of_turn_id(tokenizer), tokenizer.pad_token_id, ["base"])
+    logps = pair_logps(policy, triples, tokenizer.pad_token_id, ["base"])
     held = {"triples": triples, "initial_logratio": (logps["base_chosen_mean"] - logps["base_rejected_mean"]).tolist()}
     held_out_check(policy, tokenizer, held, args, 0, log, plain=[t.ids["plain"] for t in triples])
     (out / "held_out.tmp").write_text(json.dumps(held | {"triples": [t._asdict() for t in triples]}))
@@ -595,10 +598,10 @@ def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log) 
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """Generation stops at the end-of-turn token and at every EOS the model or tokenizer names."""
-    eos = model.generation_config.eos_token_id
-    ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])}
-    return sorted(i for i in ids if i is not None)
+    """The end-of-turn token first, then every other EOS the model or tokenizer names: generation stops at any."""
+    eos, eot = model.generation_config.eos_token_id, end_of_turn_id(tokenizer)
+    others = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])} - {eot, None}
+    return [eot, *sorted(others)]
 
 
 def first_line(err: Exception) -> str:

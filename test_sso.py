@@ -26,7 +26,7 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eot|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-EOT = PAD = 257  # the byte-level test tokenizer: 256 bytes, then <s> = 256... see make_tokenizer
+EOT = PAD = 257  # the byte-level test tokenizer: 256 byte tokens, <s> = 256, <|eot|> = 257
 GGUF = sso.default_model()
 needs_smollm2 = pytest.mark.skipif(
     not (GGUF.endswith(".gguf") and all(importlib.util.find_spec(m) for m in ("gguf", "accelerate"))),
@@ -190,7 +190,7 @@ def expected_gradient(model, params, triples, ref, args):
     model.zero_grad(set_to_none=True)
     index = [t.query for t in triples]
     ref_in = {k: v[index] for k, v in sso.loss_inputs(ref, "ipo").items() if not k.startswith("w_")}
-    sso.sso_loss(sso.loss_inputs(sso.pair_logps(model, triples, EOT, PAD), "ipo"), ref_in, beta=args.beta)[0].backward()
+    sso.sso_loss(sso.loss_inputs(sso.pair_logps(model, triples, PAD), "ipo"), ref_in, beta=args.beta)[0].backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -198,14 +198,14 @@ def test_pitfall_each_step_uses_only_its_own_gradient(tokenizer, monkeypatch):
     """zero_grad forgotten (gradients leak into the next step), or micro-batches not weighted to one full batch."""
     triples = [t._replace(query=i) for i, t in enumerate(random_triples(4, seed=3))]
     policy, ref_model = make_model(tokenizer), make_model(tokenizer)
-    ref = sso.reference_logps(ref_model, triples, EOT, PAD, batch_size=4)
+    ref = sso.reference_logps(ref_model, triples, PAD, batch_size=4)
     args = args_for("--batch-size", "2", "--micro-batch-size", "1", "--lr", "1e-2")
     monkeypatch.setattr(sso.torch.optim, "AdamW", RecordingAdamW)
     RecordingAdamW.steps = []
     torch.manual_seed(0)
     order = torch.randperm(4).tolist()  # the order train_epochs draws after the same seed
     torch.manual_seed(0)
-    sso.train_epochs(policy, triples, ref, EOT, PAD, args, 1, lambda record, line: None)
+    sso.train_epochs(policy, triples, ref, PAD, args, 1, lambda record, line: None)
     assert len(RecordingAdamW.steps) == 2
     checker = make_model(tokenizer)
     for (params, grads), batch in zip(RecordingAdamW.steps, (order[:2], order[2:])):
@@ -218,11 +218,11 @@ def test_pitfall_reference_values_belong_to_their_triples(tokenizer):
     """Reference log-probs computed in batches (or in a length-sorted order) must come back matched to each triple."""
     model = make_model(tokenizer)
     triples = random_triples(5, seed=7, context_len=(2, 30), response_len=(1, 12))
-    ref = sso.reference_logps(model, triples, EOT, PAD, batch_size=2)
+    ref = sso.reference_logps(model, triples, PAD, batch_size=2)
     for i, t in enumerate(triples):  # each triple alone, no padding
         for pair, (context, chosen, rejected) in sso.PAIRS.items():
             for side, response in (("chosen", chosen), ("rejected", rejected)):
-                sequence = t.contexts[context] + t.ids[response] + [EOT]
+                sequence = t.contexts[context] + t.ids[response]
                 single = sso.pad_batch([sequence], [len(t.contexts[context])], PAD)
                 with torch.no_grad():
                     logp_sum, _ = sso.sequence_logps(model, **single)
@@ -258,10 +258,24 @@ def test_pitfall_sampling_must_override_the_models_top_k(tokenizer):
 
 def test_pitfall_pad_equal_to_eos_does_not_mask_the_eot_label():
     """pad == EOS (SmolLM2, Llama): a mask built from ids != pad would drop the end-of-turn token that is scored."""
-    triple = make_triple({"x": [256, 5], "pos": [256, 6], "neg": [256, 7]}, [8, 9], [10], [11])
-    batch = sso.collate_pair([triple], "base", eot_id=EOT, pad_id=EOT)
+    triple = make_triple({"x": [256, 5], "pos": [256, 6], "neg": [256, 7]}, [8, 9, EOT], [10, EOT], [11, EOT])
+    batch = sso.collate_pair([triple], "base", pad_id=EOT)
     assert batch["labels"].tolist() == [[-100, -100, 8, 9, EOT], [-100, -100, 10, EOT, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+
+
+def test_pitfall_a_response_cut_at_the_token_limit_gets_no_end_of_turn(tokenizer):
+    """An end-of-turn token appended to a response cut at --max-new-tokens was never sampled, and as a chosen response
+    it would teach the policy to stop mid-answer: finished responses end with the end-of-turn token, cut ones don't."""
+    model = make_model(tokenizer)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
+    model.lm_head.bias.data[EOT] = -1e4  # never ends
+    greedy = sso.generate_batched(model, tokenizer, [[256, 5, 6, 7]], [EOT, 3], args_for(), 6, sample=False)[0]
+    assert len(greedy) == 6 and EOT not in greedy
+    model.lm_head.bias.data[EOT] = 1e4  # ends at once
+    assert sso.generate_batched(model, tokenizer, [[256, 5, 6, 7]], [EOT, 3], args_for(), 6, sample=False)[0] == [EOT]
+    model.lm_head.bias.data[EOT], model.lm_head.bias.data[3] = -1e4, 1e4  # another stop id also closes the turn
+    assert sso.generate_batched(model, tokenizer, [[256, 5, 6, 7]], [EOT, 3], args_for(), 6, sample=False)[0] == [EOT]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -413,7 +427,7 @@ def test_sequence_logps_ignores_pad_ids_and_equals_the_cross_entropy_formula(tok
 
 def test_chunked_lm_head_equals_unchunked(tokenizer, monkeypatch):
     model = make_model(tokenizer)
-    batch = sso.collate_pair(random_triples(3), "pos", EOT, PAD)
+    batch = sso.collate_pair(random_triples(3), "pos", PAD)
     with torch.no_grad():
         whole, _ = sso.sequence_logps(model, **batch)
         monkeypatch.setattr(sso, "LOGITS_CHUNK_ELEMENTS", 3 * len(tokenizer))  # 3 positions per chunk
@@ -422,8 +436,8 @@ def test_chunked_lm_head_equals_unchunked(tokenizer, monkeypatch):
 
 
 def test_collate_pair_hand_written():
-    triple = make_triple({"x": [1, 5], "pos": [1, 6, 6], "neg": [1, 9]}, chosen=[7, 8], rejected=[4], plain=[3, 3, 3])
-    batch = sso.collate_pair([triple], "neg", eot_id=2, pad_id=0)  # neg pair: chosen y0, rejected y+
+    triple = make_triple({"x": [1, 5], "pos": [1, 6, 6], "neg": [1, 9]}, [7, 8, 2], [4, 2], [3, 3, 3, 2])  # EOT = 2
+    batch = sso.collate_pair([triple], "neg", pad_id=0)  # neg pair: chosen y0, rejected y+
     assert batch["input_ids"].tolist() == [
         [1, 9, 3, 3, 3, 2],  # p-, y0, EOT
         [1, 9, 7, 8, 2, 0],  # p-, y+, EOT, pad
@@ -433,15 +447,20 @@ def test_collate_pair_hand_written():
         [-100, -100, 7, 8, 2, -100],  # context masked, 2 tokens, EOT, pad
     ]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
-    left = sso.collate_pair([triple], "base", eot_id=2, pad_id=0, side="left")  # base pair: y+ vs y-
+    left = sso.collate_pair([triple], "base", pad_id=0, side="left")  # base pair: y+ vs y-
     assert left["input_ids"].tolist() == [[1, 5, 7, 8, 2], [0, 1, 5, 4, 2]]
     assert left["labels"].tolist() == [[-100, -100, 7, 8, 2], [-100, -100, -100, 4, 2]]
-    pos = sso.collate_pair([triple], "pos", eot_id=2, pad_id=0)  # pos pair: y+ vs y- under p+
+    pos = sso.collate_pair([triple], "pos", pad_id=0)  # pos pair: y+ vs y- under p+
     assert pos["input_ids"].tolist() == [[1, 6, 6, 7, 8, 2], [1, 6, 6, 4, 2, 0]]
+    cut = sso.collate_pair([triple._replace(ids=triple.ids | {"rejected": [4, 4]})], "base", pad_id=0)  # y- ran out
+    assert cut["labels"].tolist() == [
+        [-100, -100, 7, 8, 2],  # y+ finished: its end-of-turn token is scored
+        [-100, -100, 4, 4, -100],  # y- was cut at the token limit: no end-of-turn token, then pad
+    ]
 
 
 def test_training_ids_are_the_sampled_ids(tokenizer, principles):
-    """Labels = sampled response + one EOT, one BOS, and contexts identical to the prompts given to generate."""
+    """Labels = exactly the sampled response (its end-of-turn token if it finished), contexts = generate's prompts."""
     model, seen = make_model(tokenizer), []
     original = model.generate
 
@@ -457,7 +476,7 @@ def test_training_ids_are_the_sampled_ids(tokenizer, principles):
     for ids, mask, out in seen:
         for row in range(len(ids)):
             cut = out[row].tolist()
-            sampled[tuple(ids[row][mask[row].bool()].tolist())] = cut[: cut.index(EOT)] if EOT in cut else cut
+            sampled[tuple(ids[row][mask[row].bool()].tolist())] = cut[: cut.index(EOT) + 1] if EOT in cut else cut
     assert skipped == 0 and len(triples) == 2
     for t in triples:
         assert sampled[tuple(t.contexts["pos"])] == t.ids["chosen"]
@@ -465,11 +484,11 @@ def test_training_ids_are_the_sampled_ids(tokenizer, principles):
         assert sampled[tuple(t.contexts["x"])] == t.ids["plain"]
         assert t.contexts["pos"] == sso.chat_prompt_ids(tokenizer, t.query, t.systems["pos"])
     for pair, (context, chosen, rejected) in sso.PAIRS.items():
-        batch = sso.collate_pair(triples, pair, EOT, tokenizer.pad_token_id)
+        batch = sso.collate_pair(triples, pair, tokenizer.pad_token_id)
         for row in range(len(batch["input_ids"])):
             t, response = triples[row % 2], (chosen, rejected)[row // 2]
             ids, labels = batch["input_ids"][row], batch["labels"][row]
-            assert labels[labels != -100].tolist() == t.ids[response] + [EOT]
+            assert labels[labels != -100].tolist() == t.ids[response]
             assert ids[: len(t.contexts[context])].tolist() == t.contexts[context]
             assert t.contexts[context].count(tokenizer.bos_token_id) == 1 and t.contexts[context][0] == 256
 
@@ -534,7 +553,7 @@ def test_sampling_a_model_left_in_train_mode_with_checkpointing(tokenizer):
     )
     model.train()
     out = sso.generate_batched(model, tokenizer, [[256, 5, 6, 7], [256, 9]], [EOT], args_for(), 5)
-    assert len(out) == 2 and all(len(ids) <= 5 and EOT not in ids for ids in out) and not model.training
+    assert len(out) == 2 and all(len(ids) <= 5 and EOT not in ids[:-1] for ids in out) and not model.training
 
 
 def test_generate_moves_a_progress_bar_token_by_token(tokenizer, monkeypatch):
@@ -579,10 +598,11 @@ def test_filter_drops_empty_duplicates_and_looping_chosen_responses():
         variant("a", "b", "c", {"chosen": [5], "rejected": [6], "plain": loop}),  # y0 loops
         variant("a", "b", "c", {"chosen": [5], "rejected": loop, "plain": [6]}),  # y- may loop: it is rejected
     ]
-    kept, counts = sso.filter_triples(triples, loop_filter=True)
+    kept, counts = sso.filter_triples(triples, loop_filter="chosen")
     assert kept == [triples[0], triples[7]]
     assert counts == {"kept": 2, "dropped_empty": 2, "dropped_duplicate": 2, "dropped_looping": 2}
-    assert len(sso.filter_triples(triples, loop_filter=False)[0]) == 4
+    assert sso.filter_triples(triples, loop_filter="all")[0] == [triples[0]]
+    assert len(sso.filter_triples(triples, loop_filter="none")[0]) == 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -594,15 +614,15 @@ def test_reference_frozen_and_learning_signal(tokenizer):
     triples = random_triples(4, seed=5)
     ref_model = sso.copy.deepcopy(policy).requires_grad_(False)
     before = {k: v.clone() for k, v in ref_model.state_dict().items()}
-    ref = sso.reference_logps(ref_model, triples, EOT, PAD, batch_size=3)
+    ref = sso.reference_logps(ref_model, triples, PAD, batch_size=3)
     args = args_for("--lr", "3e-3", "--batch-size", "2", "--micro-batch-size", "1")
-    history = [sso.train_epochs(policy, triples, ref, EOT, PAD, args, 1, lambda r, s: None) for _ in range(3)][0]
+    history = [sso.train_epochs(policy, triples, ref, PAD, args, 1, lambda r, s: None) for _ in range(3)][0]
     assert history[0]["loss"] == pytest.approx(25 + history[0]["w"] * 0.1 * 50, rel=1e-3)  # Δ = 0 at the start
     for key, value in ref_model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # π_ref untouched by the optimizer
     assert all(p.grad is None for p in policy.parameters())  # zero_grad after the last step
     with torch.no_grad():
-        after = sso.pair_logps(policy, triples, EOT, PAD)
+        after = sso.pair_logps(policy, triples, PAD)
     margin = (after["base_chosen_mean"] - after["base_rejected_mean"]) - (
         ref["base_chosen_mean"] - ref["base_rejected_mean"]
     )
@@ -610,15 +630,15 @@ def test_reference_frozen_and_learning_signal(tokenizer):
 
 
 def test_reference_scores_the_plain_response_under_x(tokenizer):
-    """log π_ref(y0|x), paper Figure 4's on-policy statistic, equals sequence_logps of the whole (x, y0, EOT)."""
+    """log π_ref(y0|x), paper Figure 4's on-policy statistic, equals sequence_logps of the whole (x, y0)."""
     model = make_model(tokenizer)
     triples = random_triples(3, seed=6)
-    ref = sso.reference_logps(model, triples, EOT, PAD, batch_size=2)
+    ref = sso.reference_logps(model, triples, PAD, batch_size=2)
     for i, t in enumerate(triples):
-        batch = sso.pad_batch([t.contexts["x"] + t.ids["plain"] + [EOT]], [len(t.contexts["x"])], PAD)
+        batch = sso.pad_batch([t.contexts["x"] + t.ids["plain"]], [len(t.contexts["x"])], PAD)
         with torch.no_grad():
             logp_sum, n_tokens = sso.sequence_logps(model, **batch)
-        assert ref["plain_n"][i].item() == n_tokens.item() == len(t.ids["plain"]) + 1
+        assert ref["plain_n"][i].item() == n_tokens.item() == len(t.ids["plain"])
         assert ref["plain_mean"][i].item() == pytest.approx(logp_sum.item() / n_tokens.item(), rel=1e-5)
 
 
@@ -627,7 +647,7 @@ def test_held_out_check_measures_the_margin_against_the_initial_policy(tokenizer
     policy = make_model(tokenizer)
     triples = random_triples(6, seed=8)
     with torch.no_grad():
-        now = sso.pair_logps(policy, triples, EOT, PAD, ["base"])
+        now = sso.pair_logps(policy, triples, PAD, ["base"])
     initial = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.5, -0.4])
     expected = now["base_chosen_mean"] - now["base_rejected_mean"] - initial
     plain = [[1, 2, 3, 4] * 3, [5, 6], list(range(20, 40)), [8, 9, 10], [1, 2, 3, 4] * 4, [11]]  # 2 of 6 loop
@@ -647,7 +667,7 @@ def test_held_out_check_measures_the_margin_against_the_initial_policy(tokenizer
 
 def test_lora_trains_adapters_merges_and_next_reference_is_merged(tokenizer, principles, monkeypatch):
     pytest.importorskip("peft")
-    args = args_for("--lora-rank", "4", "--lr", "5e-2", "--feature-selection", "random", "--no-loop-filter")
+    args = args_for("--lora-rank", "4", "--lr", "5e-2", "--feature-selection", "random", "--loop-filter", "none")
     policy, seen = make_model(tokenizer), {}
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     real_train, real_reference = sso.train_epochs, sso.reference_logps
@@ -656,7 +676,7 @@ def test_lora_trains_adapters_merges_and_next_reference_is_merged(tokenizer, pri
         out = real_train(model, triples, ref, *rest)
         seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
         with torch.no_grad():
-            seen["adapted"] = sso.pair_logps(model, triples, EOT, PAD)  # adapters active, not yet merged
+            seen["adapted"] = sso.pair_logps(model, triples, PAD)  # adapters active, not yet merged
         seen["triples"] = triples
         return out
 
@@ -674,7 +694,7 @@ def test_lora_trains_adapters_merges_and_next_reference_is_merged(tokenizer, pri
     changed = [k for k in start if not torch.equal(start[k], merged_state[k])]
     assert set(merged_state) == set(start) and changed and all(k.endswith("proj.weight") for k in changed)
     with torch.no_grad():
-        after_merge = sso.pair_logps(merged, seen["triples"], EOT, PAD)
+        after_merge = sso.pair_logps(merged, seen["triples"], PAD)
     for key in ("base_chosen_sum", "pos_rejected_sum", "neg_chosen_sum"):
         torch.testing.assert_close(after_merge[key], seen["adapted"][key], atol=1e-4, rtol=1e-5)
     sso.run_iteration(merged, tokenizer, queries, principles, args, 2, lambda r, s: None)
@@ -744,10 +764,11 @@ def test_main_end_to_end(tiny_dir, tmp_path, tokenizer):
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL 1.16's own calls of transformers' checkpointing names
 @needs_smollm2
 def test_trl_dpo_trainer_tokenizes_the_saved_pairs_as_sso_scored_them(smollm2_dir, principles, tmp_path, monkeypatch):
-    """Every pair row of pairs.jsonl, prepared by TRL's DPOTrainer, has exactly the prompt ids sso.py sampled and
-    scored under, and the response ids sso.py scored plus one more token: the newline SmolLM2's template writes after
-    <|im_end|>. The responses here are real text (a random model's sampled ids need not be how the tokenizer would
-    split the decoded text, and the file holds text)."""
+    """Every pair row of pairs.jsonl, as TRL's DPOTrainer tokenizes it, has exactly the prompt ids sso.py sampled and
+    scored under, and the response ids sso.py scored plus what differs: the newline SmolLM2's template writes after
+    <|im_end|>, and for a response cut at --max-new-tokens also the <|im_end|> that sso.py does not score. The
+    responses are real text (a random model's sampled ids need not be how the tokenizer splits the decoded text, and
+    the file holds text)."""
     from datasets import load_dataset
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -757,28 +778,34 @@ def test_trl_dpo_trainer_tokenizes_the_saved_pairs_as_sso_scored_them(smollm2_di
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    answers = iter(["Four.", "It is 4, of course!", "Why ask me?", "Blue, like the sky.", "Red.", "I won't say."] * 3)
-    monkeypatch.setattr(sso, "generate_batched", lambda model, tok, prompts, *a, **k: [
-        tok(next(answers), add_special_tokens=False).input_ids for _ in prompts])  # fmt: skip
+    answers = iter(["Four.", "It is 4, of course!", "Why ask me?", "Blue, like the sky.", "Red.", "I won't say."])
+    eot, newline = sso.end_of_turn_id(tokenizer), tokenizer("\n", add_special_tokens=False).input_ids
+    finished = lambda text: tokenizer(text, add_special_tokens=False).input_ids + [eot]  # noqa: E731
+    monkeypatch.setattr(sso, "generate_batched", lambda model, tok, prompts, *a, **k: [finished(next(answers))
+                        for _ in prompts[:-1]] + [tokenizer("Blue and", add_special_tokens=False).input_ids])  # fmt: skip
     policy = LlamaForCausalLM.from_pretrained(tmp_path / "model")
-    args = args_for("--feature-selection", "random", "--no-loop-filter")
+    args = args_for("--feature-selection", "random", "--loop-filter", "none")
     triples, _ = sso.sample_triples(policy, tokenizer, ["What is 2+2?", "Name a colour."], principles, args,
-                                    random.Random(0), [2])  # fmt: skip
+                                    random.Random(0), [eot])  # fmt: skip
+    assert triples[1].texts["plain"] == "Blue and" and eot not in triples[1].ids["plain"]  # cut at the token limit
     sso.save_iteration(tmp_path, 1, policy, tokenizer, triples, {})
     dataset = load_dataset("json", data_files=str(tmp_path / "iter_1" / "pairs.jsonl"), split="train")
     trainer = DPOTrainer(model=str(tmp_path / "model"), train_dataset=dataset, processing_class=tokenizer,
                          args=DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", max_steps=1, use_cpu=True,
                                         bf16=False, per_device_train_batch_size=2))  # fmt: skip
-    eot, newline = sso.end_of_turn_id(tokenizer), tokenizer("\n", add_special_tokens=False).input_ids
     assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>" and len(newline) == 1
     rows = iter(trainer.train_dataset)
     for t in triples:
         for pair in sso.PAIRS:
-            row, scored = next(rows), sso.collate_pair([t], pair, eot, tokenizer.pad_token_id)
+            row, scored = next(rows), sso.collate_pair([t], pair, tokenizer.pad_token_id)
             for which, key in enumerate(("chosen_ids", "rejected_ids")):
                 mask, labels = scored["attention_mask"][which].bool(), scored["labels"][which]
                 assert row["prompt_ids"] == scored["input_ids"][which][mask & (labels == -100)].tolist()
-                assert row[key] == labels[labels != -100].tolist() + newline  # sso's ids + the template's newline
+                response = labels[labels != -100].tolist()
+                if response[-1] == eot:  # a finished response: TRL adds the newline SmolLM2's template writes after it
+                    assert row[key] == response + newline
+                else:  # cut at the limit: TRL closes the turn that sso.py never closed, <|im_end|> and the newline
+                    assert row[key] == response + [eot] + newline
     assert trainer.train().training_loss == pytest.approx(math.log(2), abs=1e-3)  # one DPO step, policy == reference
 
 
@@ -882,7 +909,7 @@ def test_prompts_longer_than_the_context_are_skipped(tmp_path, tokenizer):
     out = tmp_path / "run"
     sso.main(["--model", str(folder), "--prompts", str(prompts), "--output-dir", str(out), "--iters", "1",
               "--prompts-per-iter", "3", "--eval-prompts", "0", "--max-new-tokens", "6", "--feature-selection",
-              "random", "--no-loop-filter"])  # fmt: skip
+              "random", "--loop-filter", "none"])  # fmt: skip
     record = json.loads((out / "iter_1" / "metrics.json").read_text())
     assert record["skipped_long"] == 1 and record["kept"] + record["dropped_empty"] + record["dropped_duplicate"] == 2
 
@@ -1062,7 +1089,7 @@ def test_gguf_is_dequantized_once_into_a_plain_model(smollm2_dir, sso_cache, mon
 def test_real_model_one_iteration(tmp_path, smollm2_dir):
     out = tmp_path / "real"
     result = run_cli("--iters", "1", "--prompts-per-iter", "4", "--eval-prompts", "2", "--max-new-tokens", "32",
-                     "--output-dir", out, "--no-loop-filter")  # fmt: skip
+                     "--output-dir", out, "--loop-filter", "none")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr
     rows = [json.loads(line) for line in (out / "iter_1" / "triples.jsonl").read_text().splitlines()]
