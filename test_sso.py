@@ -203,9 +203,9 @@ def test_pitfall_each_step_uses_only_its_own_gradient(tokenizer, monkeypatch):
     monkeypatch.setattr(sso.torch.optim, "AdamW", RecordingAdamW)
     RecordingAdamW.steps = []
     torch.manual_seed(0)
-    order = torch.randperm(4).tolist()  # the order train_epochs draws after the same seed
+    order = torch.randperm(4).tolist()  # the order train_epoch draws after the same seed
     torch.manual_seed(0)
-    sso.train_epochs(policy, triples, ref, PAD, args, 1, lambda record, line: None)
+    sso.train_epoch(policy, triples, ref, PAD, args, 1, lambda record, line: None)
     assert len(RecordingAdamW.steps) == 2
     checker = make_model(tokenizer)
     for (params, grads), batch in zip(RecordingAdamW.steps, (order[:2], order[2:])):
@@ -249,10 +249,10 @@ def test_pitfall_sampling_must_override_the_models_top_k(tokenizer):
     """generate(do_sample=True) keeps a generation_config's top_k (50 by default; 1 here): sso passes top_k=0."""
     model = make_model(tokenizer)
     model.generation_config.top_k = 1  # with this top-k, sampling would be greedy decoding
-    prompts, args = [[256, 5, 6, 7]] * 8, args_for("--max-new-tokens", "12", "--top-p", "1.0", "--temperature", "1.5")
-    greedy = sso.generate_batched(model, tokenizer, prompts, [EOT], args, 12, sample=False)
+    prompts = [[256, 5, 6, 7]] * 8
+    greedy = sso.generate_batched(model, tokenizer, prompts, [EOT], 12, sample=False)
     torch.manual_seed(0)
-    sampled = sso.generate_batched(model, tokenizer, prompts, [EOT], args, 12)
+    sampled = sso.generate_batched(model, tokenizer, prompts, [EOT], 12)
     assert len({tuple(ids) for ids in sampled}) > 1 and any(ids != greedy[0] for ids in sampled)
 
 
@@ -270,12 +270,12 @@ def test_pitfall_a_response_cut_at_the_token_limit_gets_no_end_of_turn(tokenizer
     model = make_model(tokenizer)
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
     model.lm_head.bias.data[EOT] = -1e4  # never ends
-    greedy = sso.generate_batched(model, tokenizer, [[256, 5, 6, 7]], [EOT, 3], args_for(), 6, sample=False)[0]
+    greedy = sso.generate_batched(model, tokenizer, [[256, 5, 6, 7]], [EOT, 3], 6, sample=False)[0]
     assert len(greedy) == 6 and EOT not in greedy
     model.lm_head.bias.data[EOT] = 1e4  # ends at once
-    assert sso.generate_batched(model, tokenizer, [[256, 5, 6, 7]], [EOT, 3], args_for(), 6, sample=False)[0] == [EOT]
+    assert sso.generate_batched(model, tokenizer, [[256, 5, 6, 7]], [EOT, 3], 6, sample=False)[0] == [EOT]
     model.lm_head.bias.data[EOT], model.lm_head.bias.data[3] = -1e4, 1e4  # another stop id also closes the turn
-    assert sso.generate_batched(model, tokenizer, [[256, 5, 6, 7]], [EOT, 3], args_for(), 6, sample=False)[0] == [EOT]
+    assert sso.generate_batched(model, tokenizer, [[256, 5, 6, 7]], [EOT, 3], 6, sample=False)[0] == [EOT]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -552,7 +552,7 @@ def test_sampling_a_model_left_in_train_mode_with_checkpointing(tokenizer):
         {"use_reentrant": False}
     )
     model.train()
-    out = sso.generate_batched(model, tokenizer, [[256, 5, 6, 7], [256, 9]], [EOT], args_for(), 5)
+    out = sso.generate_batched(model, tokenizer, [[256, 5, 6, 7], [256, 9]], [EOT], 5)
     assert len(out) == 2 and all(len(ids) <= 5 and EOT not in ids[:-1] for ids in out) and not model.training
 
 
@@ -569,7 +569,7 @@ def test_generate_moves_a_progress_bar_token_by_token(tokenizer, monkeypatch):
     monkeypatch.setattr(sso, "tqdm", Recording)
     model = make_model(tokenizer)
     model.generation_config.eos_token_id = None
-    sso.generate_batched(model, tokenizer, [[256, 5], [256, 6, 7]], [-1], args_for(), 7, desc="sampling")
+    sso.generate_batched(model, tokenizer, [[256, 5], [256, 6, 7]], [-1], 7, desc="sampling")
     assert [n for desc, n in ticks if desc == "sampling"].count(True) == 7
 
 
@@ -616,7 +616,7 @@ def test_reference_frozen_and_learning_signal(tokenizer):
     before = {k: v.clone() for k, v in ref_model.state_dict().items()}
     ref = sso.reference_logps(ref_model, triples, PAD, batch_size=3)
     args = args_for("--lr", "3e-3", "--batch-size", "2", "--micro-batch-size", "1")
-    history = [sso.train_epochs(policy, triples, ref, PAD, args, 1, lambda r, s: None) for _ in range(3)][0]
+    history = [sso.train_epoch(policy, triples, ref, PAD, args, 1, lambda r, s: None) for _ in range(3)][0]
     assert history[0]["loss"] == pytest.approx(25 + history[0]["w"] * 0.1 * 50, rel=1e-3)  # Δ = 0 at the start
     for key, value in ref_model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # π_ref untouched by the optimizer
@@ -670,7 +670,7 @@ def test_lora_trains_adapters_merges_and_next_reference_is_merged(tokenizer, pri
     args = args_for("--lora-rank", "4", "--lr", "5e-2", "--feature-selection", "random", "--loop-filter", "none")
     policy, seen = make_model(tokenizer), {}
     start = {k: v.clone() for k, v in policy.state_dict().items()}
-    real_train, real_reference = sso.train_epochs, sso.reference_logps
+    real_train, real_reference = sso.train_epoch, sso.reference_logps
 
     def spy_train(model, triples, ref, *rest):
         out = real_train(model, triples, ref, *rest)
@@ -684,7 +684,7 @@ def test_lora_trains_adapters_merges_and_next_reference_is_merged(tokenizer, pri
         seen.setdefault("reference_weights", []).append({k: v.clone() for k, v in ref_model.state_dict().items()})
         return real_reference(ref_model, triples, *rest)
 
-    monkeypatch.setattr(sso, "train_epochs", spy_train)
+    monkeypatch.setattr(sso, "train_epoch", spy_train)
     monkeypatch.setattr(sso, "reference_logps", spy_reference)
     queries = ["What is 2+2?", "Name a colour.", "Say hi."]
     merged, _, _ = sso.run_iteration(policy, tokenizer, queries, principles, args, 1, lambda r, s: None)
@@ -779,7 +779,7 @@ def test_trl_dpo_trainer_tokenizes_the_saved_pairs_as_sso_scored_them(smollm2_di
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     answers = iter(["Four.", "It is 4, of course!", "Why ask me?", "Blue, like the sky.", "Red.", "I won't say."])
-    eot, newline = sso.end_of_turn_id(tokenizer), tokenizer("\n", add_special_tokens=False).input_ids
+    eot, newline = 2, tokenizer("\n", add_special_tokens=False).input_ids  # SmolLM2's <|im_end|>
     finished = lambda text: tokenizer(text, add_special_tokens=False).input_ids + [eot]  # noqa: E731
     monkeypatch.setattr(sso, "generate_batched", lambda model, tok, prompts, *a, **k: [finished(next(answers))
                         for _ in prompts[:-1]] + [tokenizer("Blue and", add_special_tokens=False).input_ids])  # fmt: skip
@@ -793,7 +793,7 @@ def test_trl_dpo_trainer_tokenizes_the_saved_pairs_as_sso_scored_them(smollm2_di
     trainer = DPOTrainer(model=str(tmp_path / "model"), train_dataset=dataset, processing_class=tokenizer,
                          args=DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", max_steps=1, use_cpu=True,
                                         bf16=False, per_device_train_batch_size=2))  # fmt: skip
-    assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>" and len(newline) == 1
+    assert sso.stop_token_ids(policy, tokenizer)[0] == eot and len(newline) == 1
     rows = iter(trainer.train_dataset)
     for t in triples:
         for pair in sso.PAIRS:
@@ -1073,10 +1073,10 @@ def test_gguf_is_dequantized_once_into_a_plain_model(smollm2_dir, sso_cache, mon
     monkeypatch.setattr(
         sso.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append((a, k)) or original(*a, **k)
     )
-    model, tokenizer = sso.load_model(GGUF, torch.device("cpu"), torch.float32)
+    model, tokenizer = sso.load_model(GGUF, args_for("--no-gradient-checkpointing"))
     assert calls == [((smollm2_dir,), {"dtype": torch.float32})]  # the copy, not the GGUF again
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # embeddings still tied
-    assert tokenizer.convert_ids_to_tokens(sso.end_of_turn_id(tokenizer)) == "<|im_end|>"
+    assert tokenizer.convert_ids_to_tokens(sso.stop_token_ids(model, tokenizer)) == ["<|im_end|>"]
     assert model.generation_config.eos_token_id == 2 and tokenizer.pad_token_id is not None
     text = tokenizer.apply_chat_template([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
                                          add_generation_prompt=True, tokenize=False)  # fmt: skip
@@ -1110,7 +1110,7 @@ def test_gpu_benchmark_script_runs_on_cpu_with_tiny_shapes():
     result = subprocess.run([sys.executable, str(HERE / "benchmarks" / "bench_gpu_8b.py"), "--tiny", "--prompts-per-iter",
                              "2", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "| train_epochs |" in result.stdout and "peak GPU memory" in result.stdout
+    assert "| train_epoch |" in result.stdout and "peak GPU memory" in result.stdout
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib (requirements-dev.txt)")
@@ -1141,3 +1141,55 @@ def test_no_deprecation_warnings_from_our_calls(tiny_dir, tmp_path):
         warnings.simplefilter("error", DeprecationWarning)
         sso.main(["--model", tiny_dir, "--output-dir", str(tmp_path / "w"), *TINY_RUN, "--iters", "1"])
     assert (tmp_path / "w" / "iter_1").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EXERCISES.md: every command and snippet runs, on the tiny model with a small budget
+
+
+def exercises():
+    """(title, [(kind, text)]) per exercise: kind "bash" (one command a line) or "python", in the order they appear."""
+    text = (HERE / "EXERCISES.md").read_text()
+    found = []
+    for part in text.split("\n## ")[1:]:
+        blocks = [(m[0], m[1]) for m in __import__("re").findall(r"```(bash|python)\n(.*?)```", part, flags=16)]
+        found.append((part.splitlines()[0], blocks))
+    return found
+
+
+TINY_BUDGET = ["--iters", "1", "--prompts-per-iter", "2", "--eval-prompts", "2", "--max-new-tokens", "8"]
+
+
+@pytest.mark.parametrize("title, blocks", exercises(), ids=[title for title, _ in exercises()])
+def test_exercise_runs(title, blocks, tiny_dir, tmp_path):
+    for name in ("sso.py", "principles.json", "data", "experiments"):
+        (tmp_path / name).symlink_to(HERE / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
+    for kind, text in blocks:
+        if kind == "python":
+            result = subprocess.run([sys.executable, "-c", text], cwd=tmp_path, env=env, capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+            printed = [line.split("# prints:")[1].strip() for line in text.splitlines() if "# prints:" in line]
+            assert result.stdout.split() == " ".join(printed).split(), (result.stdout, printed)
+            continue
+        for command in filter(None, (line.strip() for line in text.replace("\\\n", " ").splitlines())):
+            argv = command.split()
+            if argv[:2] == ["python", "sso.py"] or argv[1].endswith("sso_noneg.py"):
+                argv += ["--model", tiny_dir, *TINY_BUDGET]  # later flags win: the tiny model and budget
+            elif argv[:2] == ["python", "experiments/plot.py"]:
+                pytest.importorskip("matplotlib")
+            result = subprocess.run([sys.executable, *argv[1:]] if argv[0] == "python" else argv, cwd=tmp_path,
+                                    env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
+
+
+def test_exercises_name_only_what_exists():
+    """Every sso.<name> and every `name(` that EXERCISES.md mentions is in sso.py; every --flag is one of its flags."""
+    import re
+
+    text = (HERE / "EXERCISES.md").read_text()
+    names = set(re.findall(r"sso\.(\w+)", text)) | set(re.findall(r"`(\w+)\(", text))
+    assert names and all(hasattr(sso, name) for name in names), [n for n in names if not hasattr(sso, n)]
+    flags = {action for action in sso.parse_args([]).__dict__}
+    mentioned = {flag[2:].replace("-", "_") for flag in re.findall(r"(?<![\w-])--[a-z][\w-]+", text)}
+    assert mentioned and mentioned <= flags | {"report_only", "out", "root"}, mentioned - flags

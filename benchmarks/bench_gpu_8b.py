@@ -81,7 +81,6 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--gen-batch-size", type=int, default=48)
     cli = parser.parse_args()
     device = torch.device("cpu" if cli.tiny else "cuda")
     dtype = torch.float32 if cli.tiny else torch.bfloat16
@@ -121,7 +120,7 @@ def main() -> None:
     )
     print("| phase | seconds |\n|---|---|")
     seconds["sampling"] = seconds.pop("sample_triples") - seconds["select_features"]
-    for phase in ("select_features", "sampling", "reference_logps", "train_epochs"):
+    for phase in ("select_features", "sampling", "reference_logps", "train_epoch"):
         print(f"| {phase} | {seconds[phase]:.1f} |")
     print(f"peak GPU memory (max_memory_allocated): {peak:.1f} GiB")
 

@@ -29,18 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sso  # noqa: E402
 
-PHASES = ("select_features", "sample_triples", "reference_logps", "train_epochs", "held_out_check")
+PHASES = ("select_features", "sample_triples", "reference_logps", "train_epoch", "held_out_check")
 
 
-def time_phases(names=PHASES) -> dict[str, float]:
-    """Wrap sso's phase functions so that each call adds its wall time (run_iteration calls them through the module)."""
+def time_phases(names=PHASES) -> dict:
+    """Wrap sso's phase functions so that each call adds its wall time (run_iteration calls them through the module);
+    the last result of each is kept under ("result", name)."""
     seconds = dict.fromkeys(names, 0.0)
     for name in names:
 
         def timed(*args, _function=getattr(sso, name), _name=name, **kwargs):
             started = time.time()
             try:
-                return _function(*args, **kwargs)
+                seconds["result", _name] = _function(*args, **kwargs)
+                return seconds["result", _name]
             finally:
                 seconds[_name] += time.time() - started
 
@@ -80,10 +82,8 @@ def main() -> None:
     random.Random(args.seed).shuffle(prompts)
     held_queries, queries = prompts[: args.eval_prompts], prompts[args.eval_prompts :][: args.prompts_per_iter]
     started = time.time()
-    policy, tokenizer = sso.load_model(args.model or sso.default_model(), torch.device("cpu"), torch.float32)
+    policy, tokenizer = sso.load_model(args.model or sso.default_model(), args)
     load_s = time.time() - started
-    if args.gradient_checkpointing:
-        policy.activation_checkpointing_enable({"use_reentrant": False})
     print("config: " + " ".join([*workload, *extra]))
     held = sso.held_out_data(
         Path(tempfile.mkdtemp()), policy, tokenizer, held_queries, principles, args, lambda r, s: None
@@ -92,12 +92,12 @@ def main() -> None:
     policy, triples, record = sso.run_iteration(policy, tokenizer, queries, principles, args, 1, lambda r, s: None)
     sso.held_out_check(policy, tokenizer, held, args, 1, lambda r, s: None)
     seconds["sampling"] = seconds.pop("sample_triples") - seconds["select_features"]
-    sampled = sum(len(ids) for t in triples for ids in t.ids.values())  # kept triples only: a lower bound
+    sampled = sum(len(ids) for t in seconds["result", "sample_triples"][0] for ids in t.ids.values())  # all sampled
     trained = sum(len(ctx) * 2 + len(a) + len(b) + 2 for t in triples for ctx, a, b in
                   ((t.contexts[c], t.ids[y], t.ids[n]) for c, y, n in sso.PAIRS.values()))  # fmt: skip
     rows = [("model load", load_s, None), ("feature selection", seconds["select_features"], None),
             ("sampling y+ y- y0", seconds["sampling"], sampled), ("reference log-probs", seconds["reference_logps"], trained),
-            ("training", seconds["train_epochs"], trained)]  # fmt: skip
+            ("training", seconds["train_epoch"], trained)]  # fmt: skip
     iteration = sum(s for _, s, _ in rows)
     print(f"\n{len(queries)} prompts, {record['kept']} triples kept, {args.max_new_tokens} new tokens, batch size "
           f"{args.batch_size}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}\n")  # fmt: skip

@@ -40,7 +40,7 @@ def training_step(model, checkpointing: bool) -> None:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        logps = sso.pair_logps(model, [triple], 2, 2)
+        logps = sso.pair_logps(model, [triple], 2)
         sum(v.sum() for k, v in logps.items() if k.endswith("_sum")).backward()
     model.eval().activation_checkpointing_disable() if checkpointing else model.eval()
     events = prof.key_averages()
@@ -71,7 +71,7 @@ def sampling(model, tokenizer) -> None:
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     matmul_peak()
-    policy, tok = sso.load_model(sso.default_model(), torch.device("cpu"), torch.float32)
+    policy, tok = sso.load_model(sso.default_model(), sso.parse_args(["--no-gradient-checkpointing"]))
     training_step(policy, checkpointing=False)
     training_step(policy, checkpointing=True)
     sampling(policy, tok)

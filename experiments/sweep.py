@@ -20,16 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sso  # noqa: E402
 
-BASE = ["--iters", "3", "--prompts-per-iter", "16", "--eval-prompts", "16", "--max-new-tokens", "96"]
-BASE += ["--batch-size", "1", "--loss", "ipo", "--beta", "0.1", "--gamma", "0.1", "--loop-filter", "chosen"]
+BASE = ["--iters", "3", "--prompts-per-iter", "16", "--eval-prompts", "32", "--max-new-tokens", "96"]
+BASE += ["--batch-size", "1", "--loss", "ipo", "--beta", "0.1", "--gamma", "0.1", "--loop-filter", "all"]
 SETTINGS = {  # name: flags added to BASE (later flags win)
     "lr5e-6": ["--lr", "5e-6"],
     "lr2e-5": ["--lr", "2e-5"],
     "lr3e-5": ["--lr", "3e-5"],
     "lr5e-5": ["--lr", "5e-5"],
     "lr1e-4": ["--lr", "1e-4"],
-    "lr3e-4": ["--lr", "3e-4"],
-    "lr5e-5-loopfilter-all": ["--lr", "5e-5", "--loop-filter", "all"],
+    "lr5e-5-loopfilter-chosen": ["--lr", "5e-5", "--loop-filter", "chosen"],
     "lr5e-5-loopfilter-none": ["--lr", "5e-5", "--loop-filter", "none"],
     "lr5e-5-batch2": ["--lr", "5e-5", "--batch-size", "2"],
     "lr5e-5-epochs2": ["--lr", "5e-5", "--epochs", "2"],
