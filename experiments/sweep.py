@@ -31,7 +31,6 @@ SETTINGS = {  # name: flags added to BASE (later flags win)
     "lr5e-5-loopfilter-chosen": ["--lr", "5e-5", "--loop-filter", "chosen"],
     "lr5e-5-loopfilter-none": ["--lr", "5e-5", "--loop-filter", "none"],
     "lr5e-5-batch2": ["--lr", "5e-5", "--batch-size", "2"],
-    "lr5e-5-epochs2": ["--lr", "5e-5", "--epochs", "2"],
     "lr5e-5-dpo": ["--lr", "5e-5", "--loss", "dpo"],
     "lr5e-5-beta0.5": ["--lr", "5e-5", "--beta", "0.5"],
     "lr5e-5-gamma0.5": ["--lr", "5e-5", "--gamma", "0.5"],
