@@ -101,7 +101,7 @@ def main() -> None:
     policy, triples, record = sso.run_iteration(policy, tokenizer, queries, principles, args, 1, lambda r, s: None)
     sso.held_out_check(policy, tokenizer, held, args, 1, lambda r, s: None)
     seconds["sampling"] = seconds.pop("sample_triples") - seconds["select_features"]
-    sampled = sum(len(ids) for t in seconds["result", "sample_triples"][0] for ids in t.ids.values())  # all sampled
+    sampled = sum(len(ids) for t in seconds["result", "sample_triples"] for ids in t.ids.values())  # all sampled
     trained = sum(len(ctx) * 2 + len(a) + len(b) + 2 for t in triples for ctx, a, b in
                   ((t.contexts[c], t.ids[y], t.ids[n]) for c, y, n in sso.PAIRS.values()))  # fmt: skip
     rows = [("model load", load_s, None), ("feature selection", seconds["select_features"], None),
