@@ -1160,6 +1160,7 @@ def exercises():
 TINY_BUDGET = ["--iters", "1", "--prompts-per-iter", "2", "--eval-prompts", "2", "--max-new-tokens", "8"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("title, blocks", exercises(), ids=[title for title, _ in exercises()])
 def test_exercise_runs(title, blocks, tiny_dir, tmp_path):
     for name in ("sso.py", "principles.json", "data", "experiments"):
