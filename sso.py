@@ -286,10 +286,12 @@ def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -
     return triples
 
 
-def looping(ids: list[int], n: int = 4, times: int = 3) -> bool:
-    """A response stuck in a repetition loop: some n-gram of tokens occurs `times` or more times."""
+def looping(ids: list[int], n: int = 4) -> bool:
+    """A response stuck in a repetition loop: fewer than half of its n-grams of tokens are distinct, as when a line or
+    phrase repeats over and over. Ordinary text that repeats a few words (a formula, list items, code, a topic named
+    several times) keeps most of its n-grams distinct; data/looping.jsonl holds labelled SmolLM2 responses of both."""
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
-    return any(grams.count(gram) >= times for gram in grams)
+    return len(set(grams)) < len(grams) / 2
 
 
 def filter_triples(triples: list[Triple], loop_filter: str) -> tuple[list[Triple], dict[str, int]]:
@@ -508,8 +510,9 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
 
 
 @torch.no_grad()  # NOTE(impl) 12: does the policy learn on prompts it never trained on?
-def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, plain=None) -> dict:
-    """Base-pair Δ of the policy against π_0 on held-out (y+, y-) from π_0, and fresh plain answers y0 of the policy."""
+def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, plain=None) -> tuple[dict, list]:
+    """Base-pair Δ of the policy against π_0 on held-out (y+, y-) from π_0, and fresh plain answers y0 of the policy.
+    Returns the check's record and, per held-out prompt, its plain answer next to π_0's."""
     logps = pair_logps(policy, held["triples"], tokenizer.pad_token_id, ["base"])
     margin = logps["base_chosen_mean"] - logps["base_rejected_mean"] - torch.tensor(held["initial_logratio"])  # (N,)
     resample = torch.randint(len(margin), (2000, len(margin)), generator=torch.Generator().manual_seed(args.seed))
@@ -525,7 +528,9 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
     line = "held-out after iter {iter} | margin {heldout_margin:+.4f} [{heldout_low:+.4f}, {heldout_high:+.4f}] | acc "
     line += "{heldout_acc:.2f} | y0 length {heldout_len_plain:.0f} | looping {heldout_looping:.2f}"
     log(check, line.format(**check))
-    return check
+    texts = tokenizer.batch_decode(plain, skip_special_tokens=True)
+    pairs = zip(held["triples"], texts)
+    return check, [{"prompt": t.query, "initial": t.texts["plain"], "answer": text.strip()} for t, text in pairs]
 
 
 @torch.no_grad()
@@ -648,8 +653,9 @@ def pick_split(splits: list[str], wanted: str | None) -> str:
     return chosen
 
 
-def save_iteration(out: Path, iteration: int, policy, tokenizer, triples: list[Triple], record: dict) -> None:
-    """Checkpoint, the triples and pairs as TRL conversational preference rows, and metrics, renamed into place."""
+def save_iteration(out: Path, iteration: int, policy, tokenizer, triples, record: dict, answers: list[dict]) -> None:
+    """Checkpoint, the triples and pairs as TRL conversational preference rows, metrics and the held-out answers,
+    renamed into place."""
     final, tmp = out / f"iter_{iteration}", out / f".iter_{iteration}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
@@ -665,6 +671,7 @@ def save_iteration(out: Path, iteration: int, policy, tokenizer, triples: list[T
     (tmp / "triples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
     (tmp / "metrics.json").write_text(json.dumps(record, indent=2))
+    (tmp / "held_out_answers.jsonl").write_text("".join(json.dumps(row) + "\n" for row in answers))
     shutil.rmtree(final, ignore_errors=True)  # a stale folder of an unfinished earlier attempt
     os.replace(tmp, final)  # only now does the iteration count as done (--resume looks for iter_t folders)
 
@@ -720,8 +727,8 @@ def run(args: argparse.Namespace) -> Path:
         dropped = ", ".join(f"{k[8:]} {v}" for k, v in record.items() if k.startswith("dropped_"))
         line = f"iter {iteration}/{args.iters} done | kept {record['kept']} | dropped: {dropped}"
         log(record | {"type": "iteration"}, line)
-        check = held_out_check(policy, tokenizer, held, args, iteration, log) if held else {}
-        save_iteration(out, iteration, policy, tokenizer, triples, record | check | {"type": "iteration"})
+        check, answers = held_out_check(policy, tokenizer, held, args, iteration, log) if held else ({}, [])
+        save_iteration(out, iteration, policy, tokenizer, triples, record | check | {"type": "iteration"}, answers)
     return out
 
 

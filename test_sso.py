@@ -576,11 +576,19 @@ def test_generate_moves_a_progress_bar_token_by_token(tokenizer, monkeypatch):
     assert [n for desc, n in ticks if desc == "sampling"].count(True) == 7
 
 
-def test_looping_finds_a_repeated_four_gram():
-    assert sso.looping([1, 2, 3, 4] * 3)
-    assert sso.looping([9, 1, 2, 3, 4, 8, 1, 2, 3, 4, 7, 1, 2, 3, 4])
-    assert not sso.looping([1, 2, 3, 4] * 2 + [5])
-    assert not sso.looping(list(range(100))) and not sso.looping([])
+def test_looping_flags_real_loops_and_keeps_ordinary_answers():
+    """data/looping.jsonl: SmolLM2-135M responses sampled at the default settings, labelled by reading them: loops (a
+    line or phrase repeated over and over) and ordinary answers that repeat a few words (formulas, list items, code, a
+    topic named several times; each repeats some 4-gram 3 times, so a count rule would drop them)."""
+    rows = [json.loads(line) for line in (HERE / "data" / "looping.jsonl").read_text().splitlines()]
+    assert {row["label"] for row in rows} == {"loop", "ordinary"} and len(rows) >= 20
+    for row in rows:
+        assert sso.looping(row["ids"]) == (row["label"] == "loop"), (row["note"], row["text"][:200])
+    assert sso.looping([1, 2, 3, 4] * 3) and sso.looping([7] * 6)
+    assert not sso.looping(list(range(100))) and not sso.looping([]) and not sso.looping([1, 2, 3])
+    prefix = list(range(100, 120))  # 20 tokens, then a 4-token phrase: 24 distinct 4-grams however often it repeats
+    assert not sso.looping(prefix + [1, 2, 3, 4] * 7)  # 24 distinct of 45 4-grams
+    assert sso.looping(prefix + [1, 2, 3, 4] * 8)  # 24 distinct of 49: fewer than half
 
 
 def test_filter_drops_empty_duplicates_and_looping_chosen_responses():
@@ -655,7 +663,7 @@ def test_held_out_check_measures_the_margin_against_the_initial_policy(tokenizer
     expected = now["base_chosen_mean"] - now["base_rejected_mean"] - initial
     plain = [[1, 2, 3, 4] * 3, [5, 6], list(range(20, 40)), [8, 9, 10], [1, 2, 3, 4] * 4, [11]]  # 2 of 6 loop
     records = []
-    check = sso.held_out_check(policy, tokenizer, {"triples": triples, "initial_logratio": initial.tolist()},
+    check, answers = sso.held_out_check(policy, tokenizer, {"triples": triples, "initial_logratio": initial.tolist()},
                                args_for(), 2, lambda r, line: records.append(line), plain=plain)  # fmt: skip
     assert check["heldout_margin"] == pytest.approx(expected.mean().item(), abs=1e-6)
     assert check["heldout_acc"] == pytest.approx((expected > 0).float().mean().item())
@@ -663,7 +671,7 @@ def test_held_out_check_measures_the_margin_against_the_initial_policy(tokenizer
     assert expected.min() <= check["heldout_low"] and check["heldout_high"] <= expected.max()
     assert check["heldout_looping"] == pytest.approx(2 / 6) and check["heldout_len_plain"] == pytest.approx(54 / 6)
     assert check["iter"] == 2 and records[0].startswith("held-out after iter 2 | margin")
-    fresh = sso.held_out_check(policy, tokenizer, {"triples": triples, "initial_logratio": initial.tolist()},
+    fresh, _ = sso.held_out_check(policy, tokenizer, {"triples": triples, "initial_logratio": initial.tolist()},
                                args_for("--max-new-tokens", "5"), 2, lambda r, line: None)  # fmt: skip
     assert 0 < fresh["heldout_len_plain"] <= 5  # y0 sampled from the policy when none are given
 
@@ -791,7 +799,7 @@ def test_trl_dpo_trainer_tokenizes_the_saved_pairs_as_sso_scored_them(smollm2_di
     triples = sso.sample_triples(policy, tokenizer, ["What is 2+2?", "Name a colour."], principles, args,
                                     random.Random(0), [eot])  # fmt: skip
     assert triples[1].texts["plain"] == "Blue and" and eot not in triples[1].ids["plain"]  # cut at the token limit
-    sso.save_iteration(tmp_path, 1, policy, tokenizer, triples, {})
+    sso.save_iteration(tmp_path, 1, policy, tokenizer, triples, {}, [])
     dataset = load_dataset("json", data_files=str(tmp_path / "iter_1" / "pairs.jsonl"), split="train")
     trainer = DPOTrainer(model=str(tmp_path / "model"), train_dataset=dataset, processing_class=tokenizer,
                          args=DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", max_steps=1, use_cpu=True,

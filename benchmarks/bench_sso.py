@@ -1,19 +1,23 @@
 """Benchmark sso.py on SmolLM2-135M-Instruct (the offline GGUF) on this machine's CPU.
 
+    python benchmarks/bench_sso.py --default-run         # `python sso.py --iters 3` as a user first runs it
+    python benchmarks/bench_sso.py --default-run --seed 1 --results experiments/results.jsonl --setting default
     python benchmarks/bench_sso.py                       # one iteration, phase by phase
     python benchmarks/bench_sso.py --no-gradient-checkpointing --batch-size 2   # any sso.py flag can be added
-    python benchmarks/bench_sso.py --default-run         # `python sso.py --iters 3` as a user first runs it
+
+--default-run: the default command (plus any sso.py flags given), run in this process with an empty temporary
+$SSO_CACHE so that the GGUF is dequantized as on a user's first run. Prints each phase's seconds and share of the
+whole run's wall time, the peak resident memory and the held-out lines; with --results, appends one JSON line with
+the run's settings, held-out check per iteration, wall time, memory and phases (experiments/sweep.py reads them).
 
 One iteration: exactly what sso.py runs (sso.run_iteration, then the held-out check), timed phase by phase, on the
 bundled prompts. The workload defaults to 16 prompts, 128 new tokens and batch size 2, the settings of this
 benchmark's earlier versions, so that iteration times compare across versions; the model is loaded from the
-dequantized copy (a first run dequantizes it). Prints seconds and tokens/s per phase and the peak resident memory.
-
---default-run: the default command in a subprocess, with an empty temporary $SSO_CACHE so that the GGUF is
-dequantized as on a user's first run; prints its wall time, its peak resident memory and its last held-out line.
+dequantized copy (a first run dequantizes it).
 """
 
 import argparse
+import json
 import os
 import random
 import resource
@@ -29,55 +33,89 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sso  # noqa: E402
 
-PHASES = ("select_features", "sample_triples", "reference_logps", "train_epoch", "held_out_check")
+TIMED = ("load_model", "held_out_data", "select_features", "sample_triples", "reference_logps", "train_epoch")
+TIMED += ("held_out_check",)
+HELD_OUT_KEYS = ("iter", "kept", "heldout_n", "heldout_margin", "heldout_low", "heldout_high", "heldout_acc")
+HELD_OUT_KEYS += ("heldout_len_plain", "heldout_looping")
 
 
-def time_phases(names=PHASES) -> dict:
-    """Wrap sso's phase functions so that each call adds its wall time (run_iteration calls them through the module);
-    the last result of each is kept under ("result", name)."""
-    seconds = dict.fromkeys(names, 0.0)
+def record_calls(names=TIMED) -> list[tuple[str, float, float]]:
+    """Wrap sso's phase functions (run and run_iteration call them through the module) so that each call appends
+    (name, start, end) to the returned list."""
+    calls = []
     for name in names:
 
         def timed(*args, _function=getattr(sso, name), _name=name, **kwargs):
             started = time.time()
             try:
-                seconds["result", _name] = _function(*args, **kwargs)
-                return seconds["result", _name]
+                return _function(*args, **kwargs)
             finally:
-                seconds[_name] += time.time() - started
+                calls.append((_name, started, time.time()))
 
         setattr(sso, name, timed)
-    return seconds
+    return calls
+
+
+def seconds_in(calls, name: str, outside: str | None = None) -> float:
+    """Total seconds of the calls of `name`, leaving out those made inside a call of `outside`."""
+    spans = [(start, end) for n, start, end in calls if n == outside]
+    inner = [(start, end) for n, start, end in calls if n == name]
+    return sum(end - start for start, end in inner if not any(a <= start and end <= b for a, b in spans))
+
+
+def phases(calls, wall: float) -> dict[str, float]:
+    """The run's wall time split into its phases, in seconds; "other" is imports, saving and logging."""
+    features = seconds_in(calls, "select_features", outside="held_out_data")
+    split = {
+        "load": seconds_in(calls, "load_model"),
+        "initial held-out check": seconds_in(calls, "held_out_data"),
+        "feature selection": features,
+        "sampling": seconds_in(calls, "sample_triples", outside="held_out_data") - features,
+        "reference": seconds_in(calls, "reference_logps"),
+        "training": seconds_in(calls, "train_epoch"),
+        "held-out checks": seconds_in(calls, "held_out_check", outside="held_out_data"),
+    }
+    return split | {"other": wall - sum(split.values())}
 
 
 def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
-def default_run(keep: str | None) -> None:
-    """`python sso.py --iters 3` in a subprocess with an empty $SSO_CACHE: its wall time, peak RSS, held-out lines."""
-    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as scratch:
-        started = time.time()
-        env = {**os.environ, "SSO_CACHE": cache, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        out = keep or f"{scratch}/run"
-        result = subprocess.run([sys.executable, str(ROOT / "sso.py"), "--iters", "3", "--output-dir", out], env=env,
-                                capture_output=True, text=True)  # fmt: skip
-        minutes, rss = (time.time() - started) / 60, peak_rss_mb(resource.RUSAGE_CHILDREN)
-        held = [line for line in result.stdout.splitlines() if line.startswith("held-out after")]
-        print(f"exit {result.returncode} | wall time {minutes:.1f} min | peak RSS {rss:.0f} MB")
-        print("\n".join(held) or result.stderr[-2000:])
-        if keep:
-            (Path(keep) / "stdout.txt").write_text(result.stdout)
+def commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip() or None  # fmt: skip
+    except OSError:
+        return None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--default-run", action="store_true", help="time `python sso.py --iters 3` from a cold cache")
-    parser.add_argument("--keep", default=None, help="with --default-run: the folder to keep that run in")
-    cli, extra = parser.parse_known_args()
-    print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | {os.cpu_count()} CPUs")
-    if cli.default_run:
-        return default_run(cli.keep)
+def default_run(flags: list[str], keep: str | None, setting: str, results: str | None) -> None:
+    """`python sso.py --iters 3 FLAGS` in this process from an empty $SSO_CACHE: phases, wall time, peak RSS."""
+    os.environ |= {"SSO_CACHE": tempfile.mkdtemp(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = Path(keep) if keep else Path(tempfile.mkdtemp()) / "run"
+    calls = record_calls()
+    started = time.time()
+    sso.main(["--iters", "3", *flags, "--output-dir", str(out)])
+    wall, rss = time.time() - started, peak_rss_mb()
+    split = phases(calls, wall)
+    print(f"\nwall time {wall / 60:.1f} min | peak RSS {rss:.0f} MB\n\n| phase | seconds | share of the run |")
+    print("|---|---|---|")
+    for name, seconds in split.items():
+        print(f"| {name} | {seconds:.0f} | {100 * seconds / wall:.0f}% |")
+    rows = {}
+    for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        if record["type"] != "step":
+            rows.setdefault(record["iter"], {}).update({k: v for k, v in record.items() if k in HELD_OUT_KEYS})
+    if results:
+        config = json.loads((out / "config.json").read_text())
+        row = {"setting": setting, "seed": config["seed"], "flags": flags, "commit": commit(), "config": config}
+        row |= {"wall_min": wall / 60, "peak_rss_mb": rss, "phases": split, "iterations": list(rows.values())}
+        with open(results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def one_iteration(extra: list[str]) -> None:
     workload = ["--prompts-per-iter", "16", "--max-new-tokens", "128", "--batch-size", "2", "--eval-prompts", "16"]
     args = sso.parse_args([*workload, *extra, "--output-dir", "/tmp/sso-bench"])
     principles = sso.load_principles(args.principles)
@@ -91,28 +129,43 @@ def main() -> None:
     held = sso.held_out_data(
         Path(tempfile.mkdtemp()), policy, tokenizer, held_queries, principles, args, lambda r, line: print(line), 0
     )
-    seconds = time_phases()
+    calls = record_calls()
     policy, triples, record = sso.run_iteration(policy, tokenizer, queries, principles, args, 1, lambda r, s: None)
     sso.held_out_check(policy, tokenizer, held, args, 1, lambda r, s: None)
-    seconds["sampling"] = seconds.pop("sample_triples") - seconds["select_features"]
-    sampled = sum(len(ids) for t in seconds["result", "sample_triples"] for ids in t.ids.values())  # all sampled
+    features = seconds_in(calls, "select_features")
+    sampled = sum(len(ids) for t in triples for ids in t.ids.values())  # the kept triples' sampled tokens
     trained = sum(len(ctx) * 2 + len(a) + len(b) + 2 for t in triples for ctx, a, b in
                   ((t.contexts[c], t.ids[y], t.ids[n]) for c, y, n in sso.PAIRS.values()))  # fmt: skip
-    rows = [("model load", load_s, None), ("feature selection", seconds["select_features"], None),
-            ("sampling y+ y- y0", seconds["sampling"], sampled), ("reference log-probs", seconds["reference_logps"], trained),
-            ("training", seconds["train_epoch"], trained)]  # fmt: skip
+    rows = [("model load", load_s, None), ("feature selection", features, None),
+            ("sampling y+ y- y0", seconds_in(calls, "sample_triples") - features, None),
+            ("reference log-probs", seconds_in(calls, "reference_logps"), trained),
+            ("training", seconds_in(calls, "train_epoch"), trained)]  # fmt: skip
     iteration = sum(s for _, s, _ in rows)
-    print(f"\n{len(queries)} prompts, {record['kept']} triples kept, {args.max_new_tokens} new tokens, batch size "
-          f"{args.batch_size}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}\n")  # fmt: skip
+    print(f"\n{len(queries)} prompts, {record['kept']} triples kept ({sampled} tokens sampled in them), "
+          f"{args.max_new_tokens} new tokens, batch size {args.batch_size}, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}\n")  # fmt: skip
     print("| phase | seconds | tokens/s |\n|---|---|---|")
     for name, s, tokens in rows:
         print(f"| {name} | {s:.1f} | {tokens / s:.0f} |" if tokens else f"| {name} | {s:.1f} | - |")
     print(f"| **one iteration** | **{iteration:.1f}** | |")
-    check = seconds["held_out_check"]
-    print(
-        f"| held-out check ({args.eval_prompts} prompts) | {check:.1f} ({100 * check / iteration:.0f}% of the iteration) | |"
-    )
+    check = seconds_in(calls, "held_out_check")
+    print(f"| held-out check ({len(held['triples'])} prompts) | {check:.1f} ({100 * check / iteration:.0f}% of the "
+          "iteration) | |")  # fmt: skip
     print(f"\npeak RSS {peak_rss_mb():.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--default-run", action="store_true", help="time `python sso.py --iters 3` from a cold cache")
+    parser.add_argument("--keep", default=None, help="with --default-run: the folder to keep that run in")
+    parser.add_argument("--results", default=None, help="with --default-run: append the run's numbers to this file")
+    parser.add_argument("--setting", default="default", help="with --results: the name the row is filed under")
+    cli, extra = parser.parse_known_args()
+    print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | {os.cpu_count()} CPUs")
+    if cli.default_run:
+        default_run(extra, cli.keep, cli.setting, cli.results)
+    else:
+        one_iteration(extra)
 
 
 if __name__ == "__main__":
