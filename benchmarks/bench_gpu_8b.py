@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_sso import time_phases  # noqa: E402  (this folder is on sys.path when the script runs)
+from bench_sso import record_calls, seconds_in  # noqa: E402  (this folder is on sys.path when the script runs)
 
 import sso  # noqa: E402
 
@@ -109,7 +109,7 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = time_phases()
+    calls = record_calls()
     policy, triples, record = sso.run_iteration(
         policy, tokenizer, queries, principles, args, 1, lambda r, line: print(line)
     )
@@ -119,7 +119,8 @@ def main() -> None:
         f"batch {args.batch_size} (micro {args.micro_batch_size}), {record['kept']} triples kept"
     )
     print("| phase | seconds |\n|---|---|")
-    seconds["sampling"] = seconds.pop("sample_triples") - seconds["select_features"]
+    seconds = {name: seconds_in(calls, name) for name in ("select_features", "reference_logps", "train_epoch")}
+    seconds["sampling"] = seconds_in(calls, "sample_triples") - seconds["select_features"]
     for phase in ("select_features", "sampling", "reference_logps", "train_epoch"):
         print(f"| {phase} | {seconds[phase]:.1f} |")
     print(f"peak GPU memory (max_memory_allocated): {peak:.1f} GiB")

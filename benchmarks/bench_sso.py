@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import sso  # noqa: E402
 
 TIMED = ("load_model", "held_out_data", "select_features", "sample_triples", "reference_logps", "train_epoch")
-TIMED += ("held_out_check",)
+TIMED += ("held_out_check", "generate_batched")
 HELD_OUT_KEYS = ("iter", "kept", "heldout_n", "heldout_margin", "heldout_low", "heldout_high", "heldout_acc")
 HELD_OUT_KEYS += ("heldout_len_plain", "heldout_looping")
 
@@ -50,7 +50,8 @@ def record_calls(names=TIMED) -> list[tuple[str, float, float]]:
             try:
                 return _function(*args, **kwargs)
             finally:
-                calls.append((_name, started, time.time()))
+                desc = kwargs.get("desc", "sampling")  # generate_batched: which phase called it
+                calls.append((f"{_name}:{desc}" if _name == "generate_batched" else _name, started, time.time()))
 
         setattr(sso, name, timed)
     return calls
@@ -66,6 +67,7 @@ def seconds_in(calls, name: str, outside: str | None = None) -> float:
 def phases(calls, wall: float) -> dict[str, float]:
     """The run's wall time split into its phases, in seconds; "other" is imports, saving and logging."""
     features = seconds_in(calls, "select_features", outside="held_out_data")
+    answers = seconds_in(calls, "generate_batched:held-out y0")
     split = {
         "load": seconds_in(calls, "load_model"),
         "initial held-out check": seconds_in(calls, "held_out_data"),
@@ -73,7 +75,8 @@ def phases(calls, wall: float) -> dict[str, float]:
         "sampling": seconds_in(calls, "sample_triples", outside="held_out_data") - features,
         "reference": seconds_in(calls, "reference_logps"),
         "training": seconds_in(calls, "train_epoch"),
-        "held-out checks": seconds_in(calls, "held_out_check", outside="held_out_data"),
+        "held-out checks (margin)": seconds_in(calls, "held_out_check", outside="held_out_data") - answers,
+        "held-out answers (y0)": answers,
     }
     return split | {"other": wall - sum(split.values())}
 
@@ -148,9 +151,16 @@ def one_iteration(extra: list[str]) -> None:
     for name, s, tokens in rows:
         print(f"| {name} | {s:.1f} | {tokens / s:.0f} |" if tokens else f"| {name} | {s:.1f} | - |")
     print(f"| **one iteration** | **{iteration:.1f}** | |")
-    check = seconds_in(calls, "held_out_check")
-    print(f"| held-out check ({len(held['triples'])} prompts) | {check:.1f} ({100 * check / iteration:.0f}% of the "
-          "iteration) | |")  # fmt: skip
+    answers = seconds_in(calls, "generate_batched:held-out y0")
+    check = seconds_in(calls, "held_out_check") - answers
+    print(
+        f"| held-out check: margin, interval, accuracy ({len(held['triples'])} prompts) | {check:.1f} "
+        f"({100 * check / iteration:.0f}% of the iteration) | |"
+    )
+    print(
+        f"| held-out answers y0 ({len(held['triples'])} prompts) | {answers:.1f} "
+        f"({100 * answers / iteration:.0f}% of the iteration) | |"
+    )
     print(f"\npeak RSS {peak_rss_mb():.0f} MB")
 
 

@@ -1,75 +1,69 @@
-"""What makes SSO learn visibly on held-out prompts at classroom scale? A sweep on SmolLM2-135M-Instruct, 2 CPU cores.
+"""Seed runs and sweeps of sso.py at classroom scale (SmolLM2-135M-Instruct, 2 CPU cores), filed in results.jsonl.
 
-    python experiments/sweep.py                        # every setting below, 3 iterations each (resumable)
-    python experiments/sweep.py --only lr2e-5 lr5e-5   # some settings
-    python experiments/sweep.py --only lr5e-5 --seed 1 # another seed (its own folders, name suffix _s1)
-    python experiments/sweep.py --report-only          # the markdown table and sweep.png from finished runs
+    python experiments/sweep.py --only default --seeds 0 1 2    # the default command on three seeds
+    python experiments/sweep.py --only lr1e-4 no-w --seeds 0    # other settings
+    python experiments/sweep.py --report-only                   # the README's tables and sweep.png, from results.jsonl
 
-Every setting is `python sso.py` with BASE plus its own flags, so the table does not depend on sso.py's defaults. The
-held-out columns come from sso.py's own check (NOTE(impl) 12 in sso.py): the base-pair margin of the final policy
-against the initial one on prompts never trained on, its 95% bootstrap interval and accuracy, and the looping share
-and length of fresh plain answers y0, before (iteration 0) and after training. A finished setting is skipped, an
-unfinished one resumed.
+Each run is `python benchmarks/bench_sso.py --default-run` with the setting's flags and the seed: the default command
+(`python sso.py --iters 3`) plus those flags, from an empty $SSO_CACHE, with its phases timed. It runs in a process of
+its own, so its wall time and peak memory are its own, and appends one line to experiments/results.jsonl: the
+setting, seed, resolved config, the held-out check after every iteration (margin against π_0 with its 95% interval,
+accuracy, length and looping share of the plain answers y0), wall time, peak memory and the time of each phase. A
+(setting, seed) already in the file is skipped, so a sweep stopped midway continues where it stopped; run one at a
+time, since two runs side by side take twice as long each.
 """
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sso  # noqa: E402
-
-BASE = ["--iters", "3", "--prompts-per-iter", "16", "--eval-prompts", "32", "--max-new-tokens", "96"]
-BASE += ["--batch-size", "1", "--loss", "ipo", "--beta", "0.1", "--gamma", "0.1", "--loop-filter", "all"]
-SETTINGS = {  # name: flags added to BASE (later flags win)
-    "lr5e-6": ["--lr", "5e-6"],
-    "lr2e-5": ["--lr", "2e-5"],
-    "lr3e-5": ["--lr", "3e-5"],
-    "lr5e-5": ["--lr", "5e-5"],
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.jsonl"
+SETTINGS = {  # name: flags added to sso.py's defaults
+    "default": [],
     "lr1e-4": ["--lr", "1e-4"],
-    "lr5e-5-loopfilter-chosen": ["--lr", "5e-5", "--loop-filter", "chosen"],
-    "lr5e-5-loopfilter-none": ["--lr", "5e-5", "--loop-filter", "none"],
-    "lr5e-5-batch2": ["--lr", "5e-5", "--batch-size", "2"],
-    "lr5e-5-dpo": ["--lr", "5e-5", "--loss", "dpo"],
-    "lr5e-5-beta0.5": ["--lr", "5e-5", "--beta", "0.5"],
-    "lr5e-5-gamma0.5": ["--lr", "5e-5", "--gamma", "0.5"],
+    "lr2e-5": ["--lr", "2e-5"],
+    "prompts16": ["--prompts-per-iter", "16"],
+    "prompts24": ["--prompts-per-iter", "24"],
+    "prompts32": ["--prompts-per-iter", "32"],
     "lora16-lr3e-4": ["--lora-rank", "16", "--lr", "3e-4"],
-    "lora16-lr1e-3": ["--lora-rank", "16", "--lr", "1e-3"],
+    "dpo": ["--loss", "dpo"],
+    "loopfilter-none": ["--loop-filter", "none"],
+    "no-w": ["--no-w"],  # paper Table 12 ablations
+    "no-g": ["--no-g"],
+    "pbaa": ["--no-w", "--no-g"],
 }
 
 
-def records(folder: Path) -> dict[int, dict]:
-    """Iteration records (iteration 0 = the initial policy's held-out check) of one run."""
-    rows = {}
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["type"] != "step":
-            rows.setdefault(record["iter"], {}).update(record)
-    return rows
+def load(path: Path = RESULTS) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def report(root: Path, names: list[str]) -> str:
-    """One markdown row per finished run: the final held-out check against iteration 0."""
+def command(row: dict) -> str:
+    return " ".join(["python sso.py --iters 3", *row["flags"]] + (["--seed", str(row["seed"])] if row["seed"] else []))
+
+
+def report(rows: list[dict]) -> str:
+    """One markdown row per run: the held-out check after the last iteration, and iteration 0 → last for y0."""
     lines = [
-        "| setting | seed | held-out margin [95% interval] | acc | looping y0, iter 0 → 3 | length y0, iter 0 → 3 |",
-        "|---|---|---|---|---|---|",
+        "| setting | command | held-out margin [95% interval] | acc | looping y0 | length y0 | wall time | peak memory |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for folder in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").exists()):
-        name, _, seed = folder.name.partition("_s")
-        if name not in names or not (folder / "iter_3").exists():
-            continue
-        rows = records(folder)
-        first, last = rows[0], rows[max(rows)]
+    for row in sorted(rows, key=lambda r: (r["setting"] != "default", r["setting"], r["seed"])):
+        first, last = row["iterations"][0], row["iterations"][-1]
         lines.append(
-            f"| {name} | {seed or 0} | {last['heldout_margin']:+.4f} [{last['heldout_low']:+.4f}, "
+            f"| {row['setting']} | `{command(row)}` | {last['heldout_margin']:+.4f} [{last['heldout_low']:+.4f}, "
             f"{last['heldout_high']:+.4f}] | {last['heldout_acc']:.2f} | {first['heldout_looping']:.2f} → "
-            f"{last['heldout_looping']:.2f} | {first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f} |"
+            f"{last['heldout_looping']:.2f} | {first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f} | "
+            f"{row['wall_min']:.1f} min | {row['peak_rss_mb'] / 1024:.1f} GB |"
         )
     return "\n".join(lines)
 
 
-def plot(root: Path, names: list[str], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     """Held-out margin (with its interval) and looping share after each iteration, one line per run."""
     import matplotlib
 
@@ -77,19 +71,18 @@ def plot(root: Path, names: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for folder in sorted(p for p in root.iterdir() if (p / "metrics.jsonl").exists()):
-        if folder.name.partition("_s")[0] not in names:
-            continue
-        rows = records(folder)
-        iters = sorted(t for t in rows if "heldout_margin" in rows[t])
-        margin = [rows[t]["heldout_margin"] for t in iters]
-        low = [rows[t]["heldout_margin"] - rows[t]["heldout_low"] for t in iters]
-        high = [rows[t]["heldout_high"] - rows[t]["heldout_margin"] for t in iters]
-        line = left.errorbar(iters, margin, yerr=[low, high], marker="o", capsize=3, label=folder.name)
-        right.plot(iters, [rows[t]["heldout_looping"] for t in iters], marker="o", color=line[0].get_color())
+    for row in rows:
+        checks = row["iterations"]
+        iters = [c["iter"] for c in checks]
+        margin = [c["heldout_margin"] for c in checks]
+        below = [c["heldout_margin"] - c["heldout_low"] for c in checks]
+        above = [c["heldout_high"] - c["heldout_margin"] for c in checks]
+        label = f"{row['setting']}, seed {row['seed']}"
+        line = left.errorbar(iters, margin, yerr=[below, above], marker="o", capsize=3, label=label)
+        right.plot(iters, [c["heldout_looping"] for c in checks], marker="o", color=line[0].get_color())
     left.axhline(0, color="gray", lw=0.8)
-    left.set(xlabel="iteration", ylabel="held-out base-pair margin vs initial (95% interval)", xticks=[0, 1, 2, 3])
-    right.set(xlabel="iteration", ylabel="looping share of held-out plain answers y0", xticks=[0, 1, 2, 3])
+    left.set(xlabel="iteration", ylabel="held-out base-pair margin vs initial (95% interval)", xticks=iters)
+    right.set(xlabel="iteration", ylabel="looping share of held-out plain answers y0", xticks=iters)
     left.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -97,24 +90,28 @@ def plot(root: Path, names: list[str], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="runs/sweep", help="one folder per setting (and seed)")
-    parser.add_argument("--only", nargs="*", default=list(SETTINGS), help="settings to run or report")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=["default"], choices=list(SETTINGS), help="settings to run")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--root", default="runs/sweep", help="one run folder per setting and seed")
+    parser.add_argument("--results", default=str(RESULTS), help="the file each finished run appends its line to")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--plot", default=str(Path(__file__).with_name("sweep.png")), help="PNG written at the end")
+    parser.add_argument("--plot", default=str(HERE / "sweep.png"), help="the figure written from the results file")
     cli, extra = parser.parse_known_args(argv)  # anything else goes to every run, e.g. --model
-    root = Path(cli.root)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in cli.only if not cli.report_only else []:
-        out = root / (name if cli.seed == 0 else f"{name}_s{cli.seed}")
-        if (out / "iter_3").exists():
-            continue
-        print(f"##### {out.name}: {' '.join(SETTINGS[name])}", flush=True)
-        resume = (out / "config.json").exists()
-        flags = [*BASE, *SETTINGS[name], "--seed", str(cli.seed), *extra]
-        sso.main(["--output-dir", str(out), "--resume"] if resume else [*flags, "--output-dir", str(out)])
-    print(report(root, cli.only))
-    plot(root, cli.only, Path(cli.plot))
+    results = Path(cli.results)
+    for name in [] if cli.report_only else cli.only:
+        for seed in cli.seeds:
+            if any(r["setting"] == name and r["seed"] == seed for r in load(results)):
+                continue
+            out = Path(cli.root) / f"{name}_s{seed}"
+            shutil.rmtree(out, ignore_errors=True)  # a run stopped midway starts again: its time is measured whole
+            print(f"##### {out.name}: {' '.join(SETTINGS[name])}", flush=True)
+            bench = [sys.executable, str(HERE.parent / "benchmarks" / "bench_sso.py"), "--default-run"]
+            bench += ["--keep", str(out), "--results", str(results), "--setting", name]
+            subprocess.run([*bench, *SETTINGS[name], "--seed", str(seed), *extra], check=True)
+    rows = load(results)
+    print(report(rows))
+    if rows:
+        plot(rows, Path(cli.plot))
 
 
 if __name__ == "__main__":
