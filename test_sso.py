@@ -496,16 +496,6 @@ def test_sequence_logps_ignores_pad_ids_and_equals_the_cross_entropy_formula(tok
     torch.testing.assert_close(reference_sum, cross.sum(-1), atol=1e-4, rtol=1e-5)
 
 
-def test_chunked_lm_head_equals_unchunked(tokenizer, monkeypatch):
-    model = make_model(tokenizer)
-    batch = sso.collate_pair(random_triples(3), "pos", PAD)
-    with torch.no_grad():
-        whole, _ = sso.sequence_logps(model, **batch)
-        monkeypatch.setattr(sso, "LOGITS_CHUNK_ELEMENTS", 3 * len(tokenizer))  # 3 positions per chunk
-        chunked, _ = sso.sequence_logps(model, **batch)
-    torch.testing.assert_close(whole, chunked)
-
-
 def test_collate_pair_hand_written():
     triple = make_triple({"x": [1, 5], "pos": [1, 6, 6], "neg": [1, 9]}, [7, 8, 2], [4, 2], [3, 3, 3, 2])  # EOT = 2
     batch = sso.collate_pair([triple], "neg", pad_id=0)  # neg pair: chosen y0, rejected y+
