@@ -26,13 +26,16 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
  7. A response is scored as exactly the token ids the policy sampled: a finished one with the end-of-turn token that
     closed it, one cut at --max-new-tokens without (it never ended).
  8. Triples with an empty response or two identical ones are dropped, and (--loop-filter, default: any response)
-    those in which a response is stuck in a repetition loop: a small model loops often, and learns the loops it is fed.
+    those in which a response is stuck in a repetition loop (fewer than half of its 4-grams distinct): a small model
+    loops often and learns the loops it is fed, while answers that repeat a formula or list item are kept.
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
-10. Defaults for a 135M model on a laptop CPU, from experiments/sweep.py: lr 5e-5, batch size 1, 96 new tokens.
+10. Defaults for a 135M model on 2 CPU cores within 15 minutes (experiments/results.jsonl): lr 5e-5, batch size 1,
+    96 new tokens, 12 prompts per iteration, 32 held out (at most a quarter of a small prompts file).
 11. Only response positions go through the LM head (prompt logits are never used), one sequence at a time in fp32.
 12. Held-out check: --eval-prompts prompts, never trained on, with y+ and y- sampled once from the initial policy π_0;
     after each iteration the base-pair Δ of the policy against π_0 (mean token log-probs, as W uses them), its
-    accuracy and 95% bootstrap interval, and the length and looping share of fresh plain answers y0.
+    accuracy and 95% bootstrap interval, and the policy's plain answers y0 (their length and looping share, and each
+    next to π_0's in held_out_answers.jsonl).
 """
 
 import argparse
@@ -271,9 +274,10 @@ def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample
     sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 0}  # NOTE(impl) 9: paper's, no top-k
     how = sampling if sample else {"do_sample": False}
     how |= {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
+    bar = TokenBar(total=max_new_tokens, desc=desc, unit="tok", leave=False)
     model.eval()  # in train mode, checkpointed layers would drop the KV cache
     with torch.no_grad():
-        generated = model.generate(**inputs, **how, streamer=TokenBar(total=max_new_tokens, desc=desc, leave=False))
+        generated = model.generate(**inputs, **how, streamer=bar)
     outputs = [ids[batch["input_ids"].shape[1] :] for ids in generated.tolist()]  # the new tokens
     ends = [next((j for j, tok in enumerate(ids) if tok in stop_ids), None) for ids in outputs]  # padding follows
     return [ids if end is None else ids[:end] + stop_ids[:1] for ids, end in zip(outputs, ends)]  # NOTE(impl) 7
@@ -638,7 +642,9 @@ def dequantized_copy(gguf: Path) -> Path:
 
 def load_model(name: str, args):
     """A causal LM and its tokenizer from a hub id, a local folder or a .gguf file, on --device in --dtype."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+    if args.device != "auto":
+        device = torch.device(args.device)
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on a CPU is slower
     dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
@@ -653,7 +659,7 @@ def load_model(name: str, args):
     for module in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
         module.p = 0.0  # NOTE(impl) 5
     if args.gradient_checkpointing:  # (transformers 5.0 calls it gradient_checkpointing_enable)
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
     return model, tokenizer
 
@@ -707,7 +713,11 @@ def read_dataset(source: str, split: str | None):
 def check_prompts_file(path: Path, suffix: str) -> None:
     """Name the first malformed line of a JSON Lines, JSON or CSV file (`datasets` would only log it)."""
     text = path.read_text(errors="replace")
-    documents = text.splitlines() if suffix == ".jsonl" else [text] if suffix == ".json" else []  # one per line, or one
+    documents = []  # JSON Lines: a JSON document per line; JSON: one for the whole file
+    if suffix == ".jsonl":
+        documents = text.splitlines()
+    if suffix == ".json":
+        documents = [text]
     for number, document in enumerate(documents, 1):
         try:
             json.loads(document.strip() or "{}")
@@ -723,9 +733,10 @@ def check_prompts_file(path: Path, suffix: str) -> None:
 
 def pick_split(splits: list[str], wanted: str | None) -> str:
     """--prompts-split, else train, else the first split (by name) that starts with train, else the only split."""
-    trains = sorted(s for s in splits if s.startswith("train"))
-    fallback = trains[0] if trains else splits[0] if len(splits) == 1 else None
-    chosen = wanted or ("train" if "train" in splits else fallback)
+    candidates = sorted(s for s in splits if s.startswith("train"))  # "train" sorts before "train_prefs"
+    if len(splits) == 1:
+        candidates = splits  # the only split, whatever its name
+    chosen = wanted or (candidates[0] if candidates else None)
     if chosen not in splits:
         problem = f"no split {wanted!r}" if wanted else "more than one split"
         fail(f"{problem} (splits: {', '.join(splits)}); choose one with --prompts-split")
@@ -790,7 +801,8 @@ def run(args: argparse.Namespace) -> Path:
     policy, tokenizer = load_model(str(out / f"iter_{done}") if done else args.model, args)
     if not args.resume:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    print(f"config{f' (resumed after iteration {done})' * bool(done)}: " + json.dumps(vars(args)))
+    resumed = f" (resumed after iteration {done})" if done else ""
+    print(f"config{resumed}: {json.dumps(vars(args))}")
 
     def log(record: dict, line: str) -> None:
         with open(out / "metrics.jsonl", "a") as f:

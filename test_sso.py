@@ -1210,6 +1210,34 @@ def test_cpu_benchmark_script_times_every_phase(tiny_dir):
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib (requirements-dev.txt)")
+def test_default_run_is_filed_in_the_results_file_and_reported(tiny_dir, tmp_path):
+    """bench_sso.py --default-run times a whole run by phase and appends its numbers to a results file; sweep.py's
+    report and figure are made from that file alone, and a (setting, seed) already there is not run again."""
+    results = tmp_path / "results.jsonl"
+    flags = ["--model", tiny_dir, "--prompts-per-iter", "2", "--eval-prompts", "2", "--max-new-tokens", "4"]
+    command = [sys.executable, str(HERE / "experiments" / "sweep.py"), "--only", "default", "--seeds", "0", "3"]
+    command += ["--root", str(tmp_path / "runs"), "--results", str(results), "--plot", str(tmp_path / "s.png"), *flags]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["setting"], r["seed"]) for r in rows] == [("default", 0), ("default", 3)]
+    for row in rows:
+        checks = metrics(tmp_path / "runs" / f"default_s{row['seed']}")
+        held = [r for r in checks if r["type"] == "held_out"]
+        assert [c["heldout_margin"] for c in row["iterations"]] == [c["heldout_margin"] for c in held]  # from the run
+        assert [c["iter"] for c in row["iterations"]] == [0, 1, 2, 3] and row["config"]["prompts_per_iter"] == 2
+        assert row["wall_min"] * 60 == pytest.approx(sum(row["phases"].values()), rel=1e-6) and row["peak_rss_mb"] > 0
+        assert row["phases"]["training"] > 0 and row["phases"]["held-out answers (y0)"] > 0
+    table = result.stdout[result.stdout.index("| setting |") :].splitlines()
+    assert len(table) == 4 and "`python sso.py --iters 3 --model" in table[2] and "--seed 3`" in table[3]
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # both finished: nothing reruns
+    assert again.returncode == 0 and "#####" not in again.stdout and len(results.read_text().splitlines()) == 2
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib (requirements-dev.txt)")
 def test_plot_script_draws_a_run_folder(tmp_path):
     sys.path.insert(0, str(HERE / "experiments"))
     import plot
@@ -1240,6 +1268,109 @@ def test_no_deprecation_warnings_from_our_calls(tiny_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the paper's other uses of the data: offline training and a reward model, with TRL (experiments/)
+
+
+def run_script(name, *argv, capsys):
+    """experiments/NAME.py's main(), in this process; its output lines, or its one-line error."""
+    sys.path.insert(0, str(HERE / "experiments"))
+    module = importlib.import_module(name)
+    capsys.readouterr()
+    try:
+        module.main([str(arg) for arg in argv])
+    except SystemExit as exit_info:
+        return str(exit_info.code)
+    return capsys.readouterr().out.splitlines()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir, tmp_path_factory):
+    """A finished sso.py run on the tiny model: 2 iterations, 3 held-out prompts."""
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    result = run_cli("--model", tiny_dir, "--output-dir", out, *TINY_RUN, "--loop-filter", "none")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+needs_trl = pytest.mark.skipif(not importlib.util.find_spec("trl"), reason="needs trl (a test dependency)")
+
+
+@pytest.mark.slow
+@needs_trl
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL 1.16's own calls of transformers' checkpointing names
+def test_offline_training_is_judged_by_the_runs_held_out_check(tiny_run, capsys):
+    """Zero steps leave π_0 as it was: margin exactly 0 against the log-ratios the run saved. Two IPO steps on the
+    run's base pairs move it; the line reads like sso.py's held-out line, with the number of pairs read."""
+    pairs = sum(len((tiny_run / f"iter_{t}" / "triples.jsonl").read_text().splitlines()) for t in (1, 2))
+    untrained = run_script("offline", tiny_run, "--max-steps", "0", capsys=capsys)[-1]
+    assert untrained.startswith(f"offline IPO, {pairs} base pairs, 0 steps | margin +0.0000 [+0.0000, +0.0000] | acc")
+    trained = run_script("offline", tiny_run, "--max-steps", "2", capsys=capsys)[-1]
+    assert (
+        trained.startswith(f"offline IPO, {pairs} base pairs, 2 steps | margin ") and "+0.0000 [+0.0000" not in trained
+    )
+
+
+def fabricated_run(folder, tiny_dir, chosen_word, rejected_word, n_train=24, n_held=8):
+    """A finished run folder written by hand: its pairs prefer one word to another, in training and held out."""
+    folder.mkdir(parents=True)
+    config = vars(sso.parse_args(["--model", tiny_dir, "--iters", "1", "--lr", "3e-3", "--no-gradient-checkpointing"]))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "iter_1").mkdir()
+    rows = []
+    for i in range(n_train):
+        prompt = [{"role": "user", "content": f"Question {i}?"}]
+        answer = [{"role": "assistant", "content": f"{chosen_word} {i}"}]
+        rows.append(
+            {"prompt": prompt, "chosen": answer, "rejected": [{"role": "assistant", "content": f"{rejected_word} {i}"}]}
+        )
+    (folder / "iter_1" / "triples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    triples = [
+        make_triple({}, [], [], [], f"Other question {i}?")._replace(texts={"chosen": f"{chosen_word} {i + 50}",
+                                                                           "rejected": f"{rejected_word} {i + 50}",
+                                                                           "plain": ""})
+        for i in range(n_held)
+    ]  # fmt: skip
+    held = {"triples": [t._asdict() for t in triples], "initial_logratio": [0.0] * n_held}
+    (folder / "held_out.json").write_text(json.dumps(held))
+    return folder
+
+
+@pytest.mark.slow
+@needs_trl
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_reward_model_learns_what_the_pairs_say_and_is_judged_on_held_out_pairs(tiny_dir, tmp_path, capsys):
+    """Pairs in which "yes" is preferred to "no" teach the reward model that, on held-out pairs it never saw; trained
+    on the same pairs swapped, it scores below chance there. The accuracy comes from the files, not the code."""
+    run = fabricated_run(tmp_path / "run", tiny_dir, "yes", "no")
+    lines = run_script("reward_model", run, capsys=capsys)
+    swapped = run_script("reward_model", run, "--swap", capsys=capsys)
+    accuracy = [float(re.search(r"held-out accuracy ([0-9.]+) \[", out[-1]).group(1)) for out in (lines, swapped)]
+    assert accuracy[0] > 0.5 > accuracy[1], (lines, swapped)
+    assert re.fullmatch(r"reward model: held-out accuracy [0-9.]+ \[[0-9.]+, [0-9.]+\] on 8 pairs", lines[-1])
+    assert re.fullmatch(r"reward model: training accuracy [0-9.]+ \[[0-9.]+, [0-9.]+\] on 24 pairs", lines[-2])
+
+
+@needs_trl
+@pytest.mark.parametrize("script", ["offline", "reward_model"])
+def test_the_data_scripts_name_what_a_run_folder_lacks(script, tiny_run, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text((tiny_run / "config.json").read_text())
+    no_held = tmp_path / "no-held"
+    for t in (1, 2):
+        (no_held / f"iter_{t}").mkdir(parents=True)
+        (no_held / f"iter_{t}" / "triples.jsonl").write_text("")
+    (no_held / "config.json").write_text((tiny_run / "config.json").read_text())
+    for folder, message in (
+        (tmp_path / "nowhere", "holds no sso.py run (no config.json)"),
+        (unfinished, "is unfinished (no iter_1, iter_2)"),
+        (no_held, "has no held-out set (held_out.json)"),
+    ):
+        error = run_script(script, folder, capsys=capsys)
+        assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # EXERCISES.md: every command and snippet runs, on the tiny model with a small budget
 
 
@@ -1259,13 +1390,30 @@ TINY_BUDGET = ["--iters", "1", "--prompts-per-iter", "2", "--eval-prompts", "2",
 EXERCISES = exercises()
 
 
+def commands(blocks) -> list[str]:
+    return [line.strip() for kind, text in blocks if kind == "bash" for line in text.replace("\\\n", " ").splitlines()]
+
+
+def prerequisites(blocks) -> list[str]:
+    """The commands of other exercises that make the run folders this one reads (exercise 10 reads exercise 9's)."""
+    makers = {}
+    for _, others in EXERCISES:
+        for command in commands(others):
+            found = re.search(r"--output-dir (runs/\S+)", command)
+            if found and command.startswith("python sso.py"):
+                makers[found.group(1)] = command
+    own = "\n".join(commands(blocks))
+    read = set(re.findall(r"experiments/\w+\.py (runs/\w+)", own))
+    return [makers[folder] for folder in sorted(read) if f"--output-dir {folder}" not in own]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("title, blocks", EXERCISES, ids=[title for title, _ in EXERCISES])
 def test_exercise_runs(title, blocks, tiny_dir, tmp_path):
     for name in ("sso.py", "principles.json", "data", "experiments"):
         (tmp_path / name).symlink_to(HERE / name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
-    for kind, text in blocks:
+    for kind, text in [("bash", command) for command in prerequisites(blocks)] + blocks:
         if kind == "python":
             result = subprocess.run([sys.executable, "-c", text], cwd=tmp_path, env=env, capture_output=True, text=True)
             assert result.returncode == 0, result.stderr
@@ -1290,4 +1438,4 @@ def test_exercises_name_only_what_exists():
     assert names and all(hasattr(sso, name) for name in names), [n for n in names if not hasattr(sso, n)]
     flags = set(vars(sso.parse_args([])))
     mentioned = {flag[2:].replace("-", "_") for flag in re.findall(r"(?<![\w-])--[a-z][\w-]+", text)}
-    assert mentioned and mentioned <= flags | {"report_only", "out", "root"}, mentioned - flags
+    assert mentioned and mentioned <= flags | {"report_only", "out", "root", "swap", "max_steps"}, mentioned - flags

@@ -43,7 +43,7 @@ def load(path: Path = RESULTS) -> list[dict]:
 
 
 def command(row: dict) -> str:
-    return " ".join(["python sso.py --iters 3", *row["flags"]] + (["--seed", str(row["seed"])] if row["seed"] else []))
+    return " ".join(["python sso.py --iters 3", *row["flags"]])
 
 
 def report(rows: list[dict]) -> str:
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"##### {out.name}: {' '.join(SETTINGS[name])}", flush=True)
             bench = [sys.executable, str(HERE.parent / "benchmarks" / "bench_sso.py"), "--default-run"]
             bench += ["--keep", str(out), "--results", str(results), "--setting", name]
-            subprocess.run([*bench, *SETTINGS[name], "--seed", str(seed), *extra], check=True)
+            seed_flags = ["--seed", str(seed)] if seed else []  # seed 0 is sso.py's default
+            subprocess.run([*bench, *SETTINGS[name], *extra, *seed_flags], check=True)
     rows = load(results)
     print(report(rows))
     if rows:
