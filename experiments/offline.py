@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         per_device_train_batch_size=args.batch_size,
         num_train_epochs=1,
         max_steps=cli.max_steps or -1,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=False,  # sso.load_model has turned it on as the run had it (TRL's call is deprecated)
         bf16=torch.cuda.is_available(),  # TRL's default bf16=True stops on a CPU
+        use_cpu=not torch.cuda.is_available(),  # under accelerate launch: processes on CPU cores, DDP over gloo
         dataloader_pin_memory=False,  # no accelerator to pin memory for on a CPU
         save_strategy="no",
         report_to="none",
