@@ -274,10 +274,9 @@ def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample
     sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 0}  # NOTE(impl) 9: paper's, no top-k
     how = sampling if sample else {"do_sample": False}
     how |= {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
-    bar = TokenBar(total=max_new_tokens, desc=desc, unit="tok", leave=False)
     model.eval()  # in train mode, checkpointed layers would drop the KV cache
-    with torch.no_grad():
-        generated = model.generate(**inputs, **how, streamer=bar)
+    with torch.no_grad(), TokenBar(total=max_new_tokens, desc=desc, unit="tok", leave=False) as bar:
+        generated = model.generate(**inputs, **how, streamer=bar)  # the bar closes even if generate fails
     outputs = [ids[batch["input_ids"].shape[1] :] for ids in generated.tolist()]  # the new tokens
     ends = [next((j for j, tok in enumerate(ids) if tok in stop_ids), None) for ids in outputs]  # padding follows
     return [ids if end is None else ids[:end] + stop_ids[:1] for ids, end in zip(outputs, ends)]  # NOTE(impl) 7
@@ -492,22 +491,27 @@ def train_epoch(policy, triples, ref: dict, pad_id: int, args, iteration: int, l
     batches = [order[s : s + args.batch_size] for s in range(0, len(order), args.batch_size)]
     history = []
     started = time.time()
-    bar = tqdm(total=len(order), desc="training", unit="query", leave=False)
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
-    for step, batch in enumerate(batches, 1):
-        metrics = batch_gradients(policy, triples, batch, ref_in, pad_id, args.micro_batch_size, settings)
-        if not math.isfinite(metrics["loss"]):  # nothing saved is lost: earlier iterations stay, --resume continues
-            fail(f"non-finite loss at iteration {iteration} step {step}; try --resume with a lower --lr")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(len(batch))
-        history.append(metrics)
-        seconds = time.time() - started
-        record = {"type": "step", "iter": iteration, "step": step, **metrics, "examples_per_second": bar.n / seconds}
-        line = f"iter {iteration}/{args.iters} | step {step}/{len(batches)} | loss {metrics['loss']:.4f} | "
-        line += f"acc {metrics['acc_base']:.2f} | margin {metrics['margin_base']:.3f} | W {metrics['w']:.3f} | "
-        log(record, line + f"{seconds:.1f} s")
-    bar.close()
+    with tqdm(total=len(order), desc="training", unit="query", leave=False) as bar:  # closes on an error too
+        for step, batch in enumerate(batches, 1):
+            metrics = batch_gradients(policy, triples, batch, ref_in, pad_id, args.micro_batch_size, settings)
+            if not math.isfinite(metrics["loss"]):  # nothing saved is lost: earlier iterations stay, --resume goes on
+                fail(f"non-finite loss at iteration {iteration} step {step}; try --resume with a lower --lr")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(len(batch))
+            history.append(metrics)
+            seconds = time.time() - started
+            record = {
+                "type": "step",
+                "iter": iteration,
+                "step": step,
+                **metrics,
+                "examples_per_second": bar.n / seconds,
+            }
+            line = f"iter {iteration}/{args.iters} | step {step}/{len(batches)} | loss {metrics['loss']:.4f} | "
+            line += f"acc {metrics['acc_base']:.2f} | margin {metrics['margin_base']:.3f} | W {metrics['w']:.3f} | "
+            log(record, line + f"{seconds:.1f} s")
     return history
 
 

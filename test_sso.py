@@ -114,6 +114,8 @@ def no_global_state_left_behind():
         datasets.enable_progress_bars()
     for name, kept in handlers.items():
         logging.getLogger(name).handlers[:] = kept
+    for bar in list(sso.tqdm._instances):  # a bar a failing run left open would shift the next bars' lines
+        bar.close()
 
 
 @pytest.fixture(scope="session")
