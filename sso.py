@@ -558,6 +558,13 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     return policy.eval(), triples, record
 
 
+def bootstrap_interval(values: torch.Tensor, seed: int) -> tuple[float, float]:
+    """95% interval of the mean of values (N,), from 2000 bootstrap resamples drawn with a fixed seed."""
+    resample = torch.randint(len(values), (2000, len(values)), generator=torch.Generator().manual_seed(seed))
+    means = values[resample].mean(-1)  # (2000,) bootstrap means
+    return means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
 @torch.no_grad()  # NOTE(impl) 12: does the policy learn on prompts it never trained on?
 def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, plain=None) -> tuple[dict, list]:
     """Base-pair Δ of the policy against π_0 on held-out (y+, y-) from π_0, and fresh plain answers y0 of the policy.
@@ -566,15 +573,14 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
     logratio = logps["base_chosen_mean"] - logps["base_rejected_mean"]  # (N,) log π(y+|x) − log π(y-|x)
     held.setdefault("initial_logratio", logratio.tolist())  # the first check, of π_0, sets the baseline
     margin = logratio - torch.tensor(held["initial_logratio"])  # (N,) Δ against π_0
-    resample = torch.randint(len(margin), (2000, len(margin)), generator=torch.Generator().manual_seed(args.seed))
-    means = margin[resample].mean(-1)  # (2000,) bootstrap means
+    low, high = bootstrap_interval(margin, args.seed)
     if plain is None:  # (π_0's own y0 were sampled with its y+ and y-)
         torch.manual_seed(args.seed * 1000 + 999)  # the same random numbers at every check: differences come from π
         contexts = [t.contexts["x"] for t in held["triples"]]
         stop_ids = stop_token_ids(policy, tokenizer)
         plain = generate_batched(policy, tokenizer, contexts, stop_ids, args.max_new_tokens, desc="held-out y0")
     check = {"type": "held_out", "iter": iteration, "heldout_n": len(margin), "heldout_margin": margin.mean().item()}
-    check |= {"heldout_low": means.quantile(0.025).item(), "heldout_high": means.quantile(0.975).item()}  # 95%
+    check |= {"heldout_low": low, "heldout_high": high}
     check["heldout_acc"] = (margin > 0).float().mean().item()  # share of prompts with Δ > 0
     check["heldout_len_plain"] = sum(map(len, plain)) / len(plain)
     check["heldout_looping"] = sum(map(looping, plain)) / len(plain)

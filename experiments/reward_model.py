@@ -35,13 +35,6 @@ def accuracy(model, tokenizer, rows: list[dict]) -> torch.Tensor:
     return torch.tensor(wins)
 
 
-def interval(wins: torch.Tensor, seed: int) -> tuple[float, float]:
-    """95% bootstrap interval of the mean, as sso.py's held-out check draws it."""
-    resample = torch.randint(len(wins), (2000, len(wins)), generator=torch.Generator().manual_seed(seed))
-    means = wins[resample].mean(-1)
-    return means.quantile(0.025).item(), means.quantile(0.975).item()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a finished sso.py run folder (--output-dir)")
@@ -88,9 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         for prompt, t in zip(messages, held["triples"])
     ]
     wins = accuracy(model, tokenizer, held_rows)
-    low, high = interval(trained, args.seed)
+    low, high = sso.bootstrap_interval(trained, args.seed)
     print(f"reward model: training accuracy {trained.mean():.2f} [{low:.2f}, {high:.2f}] on {len(trained)} pairs")
-    low, high = interval(wins, args.seed)
+    low, high = sso.bootstrap_interval(wins, args.seed)
     print(f"reward model: held-out accuracy {wins.mean():.2f} [{low:.2f}, {high:.2f}] on {len(wins)} pairs")
 
 
