@@ -54,8 +54,9 @@ def report(rows: list[dict]) -> str:
     ]
     for row in sorted(rows, key=lambda r: (r["setting"] != "default", r["setting"], r["seed"])):
         first, last = row["iterations"][0], row["iterations"][-1]
+        setting = f"{row['setting']} ({row['note']})" if "note" in row else row["setting"]  # a run of a variant
         lines.append(
-            f"| {row['setting']} | `{command(row)}` | {last['heldout_margin']:+.4f} [{last['heldout_low']:+.4f}, "
+            f"| {setting} | `{command(row)}` | {last['heldout_margin']:+.4f} [{last['heldout_low']:+.4f}, "
             f"{last['heldout_high']:+.4f}] | {last['heldout_acc']:.2f} | {first['heldout_looping']:.2f} → "
             f"{last['heldout_looping']:.2f} | {first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f} | "
             f"{row['wall_min']:.1f} min | {row['peak_rss_mb'] / 1024:.1f} GB |"
