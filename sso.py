@@ -18,31 +18,26 @@ Run: `python sso.py --iters 3` (SmolLM2-135M-Instruct, offline from the llm-smol
 
 Choices the paper leaves open / deviations (each marked NOTE(impl) n where it happens):
  1. IPO uses mean token log-probs, DPO summed ones (released code); W always uses mean token log-probs under x.
- 2. W is not detached, as in the released code (whose IPO path mixes chosen and rejected lengths in the means: a
-    shape bug; here one mean per response).
+ 2. W is not detached, as in the released code (whose IPO means mix chosen and rejected lengths; here one each).
  3. π_ref is a frozen copy made at the start of every iteration, used once before training, then freed. With LoRA,
     π_ref is the merged model before fresh (zero) adapters are attached.
  4. A fresh AdamW every iteration. 5. Dropout is off, as in the released trainer. 6. Feature selection is greedy.
- 7. A response is scored as exactly the token ids the policy sampled: a finished one with the end-of-turn token that
-    closed it, one cut at --max-new-tokens without (it never ended).
- 8. Triples with an empty response or two identical ones are dropped, and (--loop-filter, default: any response)
-    those in which a response is stuck in a repetition loop (fewer than half of its 4-grams distinct): a small model
-    loops often and learns the loops it is fed, while answers that repeat a formula or list item are kept.
+ 7. A response is scored as exactly the ids sampled: with the end-of-turn token that ended it, none if cut off.
+ 8. Triples with an empty response or two identical ones are dropped, and (--loop-filter) those with a response
+    stuck in a loop (fewer than half of its 4-grams distinct): a small model learns the loops it is fed.
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
 10. Defaults for a 135M model on 2 CPU cores within 15 minutes (experiments/results.jsonl): lr 5e-5, batch size 1,
     96 new tokens, 12 prompts per iteration, 32 held out (at most a quarter of a small prompts file).
 11. Only response positions go through the LM head (prompt logits are never used), one sequence at a time in fp32.
-12. Held-out check: --eval-prompts prompts, never trained on, with y+ and y- sampled once from the initial policy π_0;
-    after each iteration the base-pair Δ of the policy against π_0 (mean token log-probs, as W uses them), its
-    accuracy and 95% bootstrap interval, and the policy's plain answers y0 (their length and looping share, and each
-    next to π_0's in held_out_answers.jsonl).
+12. Held-out check: y+ and y- sampled once from π_0 on --eval-prompts prompts, never trained on; after each iteration
+    the policy's base-pair Δ against π_0 (mean token log-probs, as in W) with its accuracy and 95% bootstrap interval,
+    and its plain answers y0 (length, looping share, each next to π_0's in held_out_answers.jsonl).
 """
 
 import argparse
 import copy
 import csv
 import importlib.util
-import io
 import json
 import math
 import os
@@ -52,7 +47,6 @@ import shutil
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,6 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as hf_logging
 
 IGNORE_INDEX = -100  # HF convention for positions that do not count
 HERE = Path(__file__).resolve().parent
@@ -83,17 +78,12 @@ def fail(message: str):
 
 
 # --- Config / CLI -----------------------------------------------------------------------------------------------------
-
-# fmt: off
-FLAGS = [  # (flag, default, help): the default's type is the flag's; a tuple lists the choices, the first the default;
-    # True makes a --x / --no-x switch, False a --x switch
-    # model
+FLAGS = [  # (flag, default, help): the default's type is the flag's, a tuple its choices (the first: default)
     ("--model", None, "hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)"),
     ("--device", "auto", "auto | cpu | cuda | cuda:N"),
     ("--dtype", ("auto", "float32", "bfloat16", "float16"), "auto: bf16 on CUDA, fp32 on CPU"),
     ("--lora-rank", 0, "0: full fine-tuning; r > 0: LoRA adapters of rank r (peft), merged each iteration"),
     ("--gradient-checkpointing", True, "recompute activations in backward: less memory, slower"),
-    # data / principles
     ("--prompts", str(HERE / "data" / "prompts.jsonl"), "a .jsonl/.json/.csv/.parquet/.txt file, folder or hub id"),
     ("--prompts-split", None, "dataset split (default: train, else the first train* split, else the only one)"),
     ("--prompts-column", None, "column (default: prompt, instruction, text, else the user turn of messages/chosen)"),
@@ -103,26 +93,20 @@ FLAGS = [  # (flag, default, help): the default's type is the flag's; a tuple li
     ("--eval-prompts", 32, "held-out prompts, set aside and never trained on; 0: no held-out check"),
     ("--num-features", 2, "k: features the policy picks per query (paper Fig. 3 step 1)"),
     ("--feature-selection", ("model", "random"), "model: the policy picks them; random: no model call"),
-    # sampling
     ("--max-new-tokens", 96, "limit on each sampled response, in tokens"),
     ("--loop-filter", ("all", "chosen", "none"), "drop a triple if any response (all) / y+ or y0 (chosen) loops"),
-    # SSO loss
     ("--loss", ("ipo", "dpo"), "the preference loss ℓ_k (paper: IPO)"),
     ("--beta", 0.1, "β: IPO target margin 1/(2β), DPO temperature"),
     ("--alpha", 0.5, "α in W: weight of log π(y+|x) against log π(y-|x)"),
     ("--gamma", 0.1, "γ: weight of the self-steering loss G"),
     ("--no-w", False, "ablation: W = 1 (paper Table 12, w/o W)"),
     ("--no-g", False, "ablation: no G, L = W·ℓ_base (paper Table 12, w/o G)"),
-    # optimization
     ("--lr", 5e-5, "AdamW learning rate"),
     ("--batch-size", 1, "queries (3 pairs, 6 sequences each) per optimizer step"),
-    ("--micro-batch-size", 0, "queries per forward, gradients accumulated; 0: --batch-size"),
-    # logging / output
     ("--output-dir", "runs/sso", "checkpoints, triples, metrics.jsonl, config.json"),
     ("--seed", 0, "seeds torch and the prompt order"),
     ("--resume", False, "continue the run in --output-dir from its last finished iteration"),
 ]
-# fmt: on
 SUMMARY_KEYS = ["iter", "kept", "logp_chosen", "logp_rejected", "logp_plain", "len_plain", "loss", "w", "acc_base"]
 SUMMARY_KEYS += ["heldout_margin", "heldout_low", "heldout_high", "heldout_acc", "heldout_len_plain", "heldout_looping"]
 POSITIVE = "iters prompts_per_iter num_features max_new_tokens batch_size beta lr".split()
@@ -145,18 +129,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.add_argument(flag, type=type(default) if default is not None else str, default=default, help=text)
     args = parser.parse_args(argv)
     in_range = {name: getattr(args, name) > 0 for name in POSITIVE}
-    in_range |= {name: getattr(args, name) >= 0 for name in "micro_batch_size lora_rank gamma eval_prompts".split()}
+    in_range |= {name: getattr(args, name) >= 0 for name in "lora_rank gamma eval_prompts".split()}
     in_range["alpha"] = 0 <= args.alpha <= 1
     for name, ok in in_range.items():
         if not ok:
             fail(f"argument error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
-    args.micro_batch_size = args.micro_batch_size or args.batch_size
     return args
 
 
 # --- Principles and prompts (paper Fig. 3 step 1 and its appendix table of principles) --------------------------------
-
-
 def load_principles(path: str) -> dict:
     """Read and check principles.json; every problem names the file, the entry and the field."""
     try:
@@ -245,8 +226,6 @@ def chat_prompt_ids(tokenizer, query: str, system: str | None = None) -> list[in
 
 
 # --- Sampling: features, p+ / p-, and y+ / y- / y0 from the current policy (paper Fig. 3 step 1) ----------------------
-
-
 class Triple(NamedTuple):  # one query x with its features, p+ and p-, and the responses y+, y-, y0 sampled for it
     query: str
     features: list[str]
@@ -314,8 +293,7 @@ def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -
 
 
 def looping(ids: list[int], n: int = 4) -> bool:
-    """Stuck in a repetition loop: fewer than half of its token n-grams are distinct (a line repeated over and over).
-    Text that repeats a few words (formulas, list items, code) passes; data/looping.jsonl has labelled examples."""
+    """Stuck in a loop: under half its n-grams distinct; a repeated formula or list item passes (data/looping.jsonl)."""
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
     return len(set(grams)) < len(grams) / 2
 
@@ -337,8 +315,6 @@ def filter_triples(triples: list[Triple], loop_filter: str) -> tuple[list[Triple
 
 
 # --- Pairs and log-probabilities (paper Fig. 3 step 2) ----------------------------------------------------------------
-
-
 def pad_batch(sequences: list[list[int]], label_starts: list[int], pad_id: int, side: str = "right") -> dict:
     """Pad to one length. Masks come from lengths, never from ids != pad (pad may equal EOS)."""
     width = max(len(seq) for seq in sequences)
@@ -399,8 +375,6 @@ def loss_inputs(logps: dict, loss_type: str) -> dict[str, torch.Tensor]:
 
 
 # --- Losses: pure functions of log-prob tensors (paper Fig. 3 step 2) -------------------------------------------------
-
-
 def preference_loss(
     *, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type="ipo"
 ):
@@ -449,8 +423,6 @@ def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, l
 
 
 # --- One SSO iteration (paper Fig. 3: step 1, then step 2) ------------------------------------------------------------
-
-
 @torch.no_grad()
 def reference_logps(ref_model, triples, pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:
     """log π_ref of every sequence, and of y0 under x (logged only), once per iteration, in no-grad batches."""
@@ -465,26 +437,12 @@ def reference_logps(ref_model, triples, pad_id: int, batch_size: int) -> dict[st
     return {key: torch.cat([part[key] for part in parts]).cpu() for key in parts[0]}
 
 
-def batch_gradients(policy, triples, batch: list[int], ref_in: dict, pad_id: int, micro_size: int, settings) -> dict:
-    """Backward of L over a batch, in micro-batches whose gradients add up (paper Fig. 3 step 2); its metrics."""
-    device = next(policy.parameters()).device
-    weighted = []  # (share of the batch, metrics) of each micro-batch
-    for start in range(0, len(batch), micro_size):
-        micro = batch[start : start + micro_size]
-        policy_in = loss_inputs(pair_logps(policy, [triples[i] for i in micro], pad_id), settings["loss_type"])
-        ref_micro = {key: values[micro].to(device) for key, values in ref_in.items()}
-        loss, metrics = sso_loss(policy_in, ref_micro, **settings)
-        share = len(micro) / len(batch)
-        (loss * share).backward()  # gradient accumulation over micro-batches
-        weighted.append((share, metrics | {"loss": loss.item()}))  # the loss whose gradient was taken
-    return {key: sum(share * metrics[key] for share, metrics in weighted) for key in weighted[0][1]}
-
-
 def train_epoch(policy, triples, ref: dict, pad_id: int, args, iteration: int, log) -> list[dict]:
     """Optimize L for one epoch over the iteration's triples (paper Fig. 3 step 2). Returns the step metrics."""
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=params[0].device.type in ("cpu", "cuda"))  # NOTE(impl) 4
-    ref_in = {k: v for k, v in loss_inputs(ref, args.loss).items() if not k.startswith("w_")}  # W: policy only
+    device = params[0].device
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=device.type in ("cpu", "cuda"))  # NOTE(impl) 4
+    ref_in = {k: v.to(device) for k, v in loss_inputs(ref, args.loss).items() if not k.startswith("w_")}  # W: policy's
     settings = {"beta": args.beta, "alpha": args.alpha, "gamma": args.gamma, "loss_type": args.loss}
     settings |= {"use_w": not args.no_w, "use_g": not args.no_g}  # the Table 12 ablations
     order = torch.randperm(len(triples)).tolist()
@@ -494,21 +452,17 @@ def train_epoch(policy, triples, ref: dict, pad_id: int, args, iteration: int, l
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
     with tqdm(total=len(order), desc="training", unit="query", leave=False) as bar:  # closes on an error too
         for step, batch in enumerate(batches, 1):
-            metrics = batch_gradients(policy, triples, batch, ref_in, pad_id, args.micro_batch_size, settings)
-            if not math.isfinite(metrics["loss"]):  # nothing saved is lost: earlier iterations stay, --resume goes on
+            policy_in = loss_inputs(pair_logps(policy, [triples[i] for i in batch], pad_id), args.loss)
+            loss, metrics = sso_loss(policy_in, {k: v[batch] for k, v in ref_in.items()}, **settings)
+            loss.backward()
+            if not math.isfinite(loss.item()):  # nothing saved is lost: earlier iterations stay, --resume goes on
                 fail(f"non-finite loss at iteration {iteration} step {step}; try --resume with a lower --lr")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             bar.update(len(batch))
             history.append(metrics)
             seconds = time.time() - started
-            record = {
-                "type": "step",
-                "iter": iteration,
-                "step": step,
-                **metrics,
-                "examples_per_second": bar.n / seconds,
-            }
+            record = {"type": "step", "iter": iteration, "step": step, **metrics}
             line = f"iter {iteration}/{args.iters} | step {step}/{len(batches)} | loss {metrics['loss']:.4f} | "
             line += f"acc {metrics['acc_base']:.2f} | margin {metrics['margin_base']:.3f} | W {metrics['w']:.3f} | "
             log(record, line + f"{seconds:.1f} s")
@@ -520,12 +474,11 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     pad_id, stop_ids = tokenizer.pad_token_id, stop_token_ids(policy, tokenizer)
     torch.manual_seed(args.seed * 1000 + iteration)  # per iteration, so --resume reproduces an uninterrupted run
     rng = random.Random(args.seed * 1000 + iteration)
-    record = {"iter": iteration}
     # 1. sample x ~ D; the policy picks its features, build p+ / p-; 2. generate y+ / y- / y0 with the current policy
     triples = sample_triples(policy, tokenizer, queries, principles, args, rng, stop_ids)
     # 3. filter; each kept triple gives the three preference pairs (PAIRS, built in collate_pair)
     triples, counts = filter_triples(triples, args.loop_filter)
-    record |= counts
+    record = {"iter": iteration, **counts}
     if not triples:
         tqdm.write(f"warning: iteration {iteration}: every triple was filtered out; saved without training")
         return policy, triples, record
@@ -535,7 +488,7 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
         tqdm.write(f"{label}: {textwrap.shorten(text, 200, placeholder=' ...')}")  # on one line
     # 4. reference log-probs (no grad) from a frozen copy made now: π_ref = π_θ at the start of the iteration
     ref_model = policy if args.lora_rank else copy.deepcopy(policy).requires_grad_(False)  # NOTE(impl) 3
-    ref = reference_logps(ref_model, triples, pad_id, args.micro_batch_size)
+    ref = reference_logps(ref_model, triples, pad_id, args.batch_size)
     del ref_model  # freed before training
     for name, key in (("chosen", "base_chosen"), ("rejected", "base_rejected"), ("plain", "plain")):
         record[f"logp_{name}"] = ref[f"{key}_mean"].mean().item()  # paper Fig. 4: how on-policy, each under x
@@ -548,9 +501,7 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
             fail("--lora-rank needs the peft package: pip install peft")
         rank = args.lora_rank
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
-        with warnings.catch_warnings():  # peft itself still calls transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            policy = get_peft_model(policy, config)
+        policy = get_peft_model(policy, config)
     history = train_epoch(policy, triples, ref, pad_id, args, iteration, log)
     record |= {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     # 6. merge the adapters; the next iteration freezes a fresh reference from this policy
@@ -567,8 +518,7 @@ def bootstrap_interval(values: torch.Tensor, seed: int) -> tuple[float, float]:
 
 @torch.no_grad()  # NOTE(impl) 12: does the policy learn on prompts it never trained on?
 def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, plain=None) -> tuple[dict, list]:
-    """Base-pair Δ of the policy against π_0 on held-out (y+, y-) from π_0, and fresh plain answers y0 of the policy.
-    Returns the check's record and, per held-out prompt, its plain answer next to π_0's."""
+    """Base-pair Δ against π_0 on held-out (y+, y-) from π_0; the policy's fresh plain answers y0 next to π_0's."""
     logps = pair_logps(policy, held["triples"], tokenizer.pad_token_id, ["base"])
     logratio = logps["base_chosen_mean"] - logps["base_rejected_mean"]  # (N,) log π(y+|x) − log π(y-|x)
     held.setdefault("initial_logratio", logratio.tolist())  # the first check, of π_0, sets the baseline
@@ -593,10 +543,8 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
 
 
 @torch.no_grad()
-def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log, done: int) -> dict | None:
+def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log, done: int) -> dict:
     """y+, y- sampled once from π_0, and log π_0(y+|x) − log π_0(y-|x) (means), made at the start of a run."""
-    if not queries:
-        return None
     if done:  # --resume after a finished iteration: read back
         saved = json.loads((out / "held_out.json").read_text())
         return saved | {"triples": [Triple(**t) for t in saved["triples"]]}
@@ -614,14 +562,13 @@ def held_out_data(out: Path, policy, tokenizer, queries, principles, args, log, 
 
 
 # --- Plumbing (model, prompts, saving, resume), then main: the outer loop over iterations 1..T ------------------------
-
-
 def stop_token_ids(model, tokenizer) -> list[int]:
     """The token that closes an assistant turn in the chat template (<|im_end|>, ...), then every other EOS id."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "MARK"}]
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     end = tokenizer(full[full.rindex("MARK") + 4 :].strip(), add_special_tokens=False).input_ids  # after the answer
-    eot, eos = end[0] if end else tokenizer.eos_token_id, model.generation_config.eos_token_id
+    eot = end[0] if end else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
     others = {tokenizer.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])} - {eot, None}
     return [eot, *sorted(others)]
 
@@ -675,7 +622,7 @@ def load_model(name: str, args):
 
 
 def load_prompts(source: str, split: str | None = None, column: str | None = None) -> list[str]:
-    """Queries from a file, a dataset folder (hub layout or save_to_disk) or a hub dataset id, read with `datasets`."""
+    """Queries from a file, a dataset folder in hub layout or a hub dataset id, read with `datasets`."""
     dataset = read_dataset(source, split)
     names = dataset.column_names
     found = column or next((c for c in ("prompt", "instruction", "text", "messages", "chosen") if c in names), None)
@@ -709,9 +656,6 @@ def read_dataset(source: str, split: str | None):
     try:
         if path.is_file():
             return datasets.load_dataset(builders[suffix], data_files=source, split=pick_split(["train"], split))
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # written by save_to_disk
-            saved = datasets.load_from_disk(source)
-            return saved[pick_split(list(saved), split)] if isinstance(saved, datasets.DatasetDict) else saved
         # a folder in hub layout (data/train-00000-of-00001.parquet, ...), or a hub id
         return datasets.load_dataset(source, split=pick_split(datasets.get_dataset_split_names(source), split))
     except SSOError as err:
@@ -723,18 +667,14 @@ def read_dataset(source: str, split: str | None):
 def check_prompts_file(path: Path, suffix: str) -> None:
     """Name the first malformed line of a JSON Lines, JSON or CSV file (`datasets` would only log it)."""
     text = path.read_text(errors="replace")
-    documents = []  # JSON Lines: a JSON document per line; JSON: one for the whole file
-    if suffix == ".jsonl":
-        documents = text.splitlines()
-    if suffix == ".json":
-        documents = [text]
+    documents = {".jsonl": text.splitlines(), ".json": [text]}.get(suffix, [])  # a JSON document per line / in all
     for number, document in enumerate(documents, 1):
         try:
             json.loads(document.strip() or "{}")
         except json.JSONDecodeError as err:
             fail(f"prompts file {path}, line {number + err.lineno - 1}: {err.msg} (column {err.colno})")
     if suffix == ".csv":
-        reader = csv.reader(io.StringIO(text))
+        reader = csv.reader(text.splitlines(keepends=True))
         header = next(reader, [])
         for row in reader:
             if row and len(row) != len(header):
@@ -819,7 +759,7 @@ def run(args: argparse.Namespace) -> Path:
             f.write(json.dumps(record) + "\n")
         tqdm.write(line)
 
-    held = held_out_data(out, policy, tokenizer, held_out, principles, args, log, done)
+    held = held_out_data(out, policy, tokenizer, held_out, principles, args, log, done) if held_out else None
     for iteration in range(done + 1, args.iters + 1):
         start = ((iteration - 1) * args.prompts_per_iter) % len(prompts)
         queries = (prompts + prompts)[start : start + args.prompts_per_iter]  # each iteration's prompts are new
@@ -836,8 +776,6 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # transformers' own load / save bars; tqdm shows the run's phases
     try:
         out = run(parse_args(argv))

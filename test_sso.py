@@ -223,11 +223,11 @@ def expected_gradient(model, params, triples, ref, args):
 
 
 def test_pitfall_each_step_uses_only_its_own_gradient(tokenizer, monkeypatch):
-    """zero_grad forgotten (gradients leak into the next step), or micro-batches not weighted to one full batch."""
+    """zero_grad forgotten: gradients would leak into the next step."""
     triples = [t._replace(query=i) for i, t in enumerate(random_triples(4, seed=3))]
     policy, ref_model = make_model(tokenizer), make_model(tokenizer)
     ref = sso.reference_logps(ref_model, triples, PAD, batch_size=4)
-    args = args_for("--batch-size", "2", "--micro-batch-size", "1", "--lr", "1e-2")
+    args = args_for("--batch-size", "2", "--lr", "1e-2")
     monkeypatch.setattr(sso.torch.optim, "AdamW", RecordingAdamW)
     RecordingAdamW.steps = []
     torch.manual_seed(0)
@@ -685,7 +685,7 @@ def test_reference_frozen_and_learning_signal(tokenizer):
     ref_model = sso.copy.deepcopy(policy).requires_grad_(False)
     before = {k: v.clone() for k, v in ref_model.state_dict().items()}
     ref = sso.reference_logps(ref_model, triples, PAD, batch_size=3)
-    args = args_for("--lr", "3e-3", "--batch-size", "2", "--micro-batch-size", "1")
+    args = args_for("--lr", "3e-3", "--batch-size", "2")
     history = [sso.train_epoch(policy, triples, ref, PAD, args, 1, lambda r, s: None) for _ in range(3)][0]
     assert history[0]["loss"] == pytest.approx(25 + history[0]["w"] * 0.1 * 50, rel=1e-3)  # Δ = 0 at the start
     for key, value in ref_model.state_dict().items():
@@ -804,11 +804,7 @@ def test_main_end_to_end(tiny_dir, tmp_path, tokenizer):
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
     records = metrics(out)
     steps = [r for r in records if r["type"] == "step"]
-    documented = {f"{m}_{p}" for m in ("loss", "acc", "margin") for p in sso.PAIRS} | {
-        "loss",
-        "w",
-        "examples_per_second",
-    }
+    documented = {f"{m}_{p}" for m in ("loss", "acc", "margin") for p in sso.PAIRS} | {"loss", "w"}
     assert documented <= set(steps[0]) and all(math.isfinite(r["loss"]) for r in steps)
     iterations = [r for r in records if r["type"] == "iteration"]
     assert [r["iter"] for r in iterations] == [1, 2]
@@ -1081,7 +1077,7 @@ def test_cli_errors_have_no_traceback_and_keep_what_is_saved(tmp_path, tiny_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# --prompts: files, dataset folders in hub layout or from save_to_disk, splits and columns
+# --prompts: files, dataset folders in hub layout, splits and columns
 
 
 def chats(texts):
@@ -1118,22 +1114,22 @@ def test_prompts_from_a_hub_layout_folder_pick_the_train_split(ultrafeedback_lik
         sso.load_prompts(str(ultrafeedback_like), column="answer")
 
 
-def test_prompts_from_save_to_disk_and_conversations(tmp_path):
-    from datasets import Dataset, DatasetDict
+def test_prompts_split_rules_and_conversations(tmp_path):
+    from datasets import Dataset
 
-    splits = {"train_sft": ["First?", "Second?"], "test_sft": ["Held?"], "train_gen": ["Gen?"]}
-    DatasetDict({k: Dataset.from_dict({"messages": chats(v)}) for k, v in splits.items()}).save_to_disk(tmp_path / "d")
-    assert sso.load_prompts(str(tmp_path / "d")) == ["Gen?"]  # several train* splits: the first by name, printed
-    assert sso.load_prompts(str(tmp_path / "d"), split="train_sft") == ["First?", "Second?"]
-    Dataset.from_dict({"instruction": ["Only?"], "output": ["x"]}).save_to_disk(tmp_path / "single")
-    assert sso.load_prompts(str(tmp_path / "single")) == ["Only?"]
-    DatasetDict({"validation": Dataset.from_dict({"prompt": ["Val?"]})}).save_to_disk(tmp_path / "only")
-    assert sso.load_prompts(str(tmp_path / "only")) == ["Val?"]  # the only split
-    DatasetDict({"a": Dataset.from_dict({"prompt": ["A?"]}), "b": Dataset.from_dict({"prompt": ["B?"]})}).save_to_disk(
-        tmp_path / "two"
-    )
+    def folder(name, splits, column="messages"):  # a dataset folder in hub layout, one parquet file per split
+        (tmp_path / name / "data").mkdir(parents=True)
+        for split, rows in splits.items():
+            path = tmp_path / name / "data" / f"{split}-00000-of-00001.parquet"
+            Dataset.from_dict({column: chats(rows) if column == "messages" else rows}).to_parquet(str(path))
+        return str(tmp_path / name)
+
+    several = folder("d", {"train_sft": ["First?", "Second?"], "test_sft": ["Held?"], "train_gen": ["Gen?"]})
+    assert sso.load_prompts(several) == ["Gen?"]  # several train* splits: the first by name, printed
+    assert sso.load_prompts(several, split="train_sft") == ["First?", "Second?"]  # the first user turn of each chat
+    assert sso.load_prompts(folder("only", {"validation": ["Val?"]}, "prompt")) == ["Val?"]  # the only split
     with pytest.raises(sso.SSOError, match=r"more than one split \(splits: a, b\); choose one with --prompts-split"):
-        sso.load_prompts(str(tmp_path / "two"))
+        sso.load_prompts(folder("two", {"a": ["A?"], "b": ["B?"]}, "prompt"))
 
 
 def test_prompts_from_files(tmp_path):

@@ -79,8 +79,7 @@ def main() -> None:
     parser.add_argument("--prompts-per-iter", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1)
     cli = parser.parse_args()
     device = torch.device("cpu" if cli.tiny else "cuda")
     dtype = torch.float32 if cli.tiny else torch.bfloat16
@@ -116,7 +115,7 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     print(
         f"\n{len(queries)} prompts, {args.max_new_tokens} new tokens, LoRA r={args.lora_rank}, "
-        f"batch {args.batch_size} (micro {args.micro_batch_size}), {record['kept']} triples kept"
+        f"batch {args.batch_size}, {record['kept']} triples kept"
     )
     print("| phase | seconds |\n|---|---|")
     seconds = {name: seconds_in(calls, name) for name in ("select_features", "reference_logps", "train_epoch")}
