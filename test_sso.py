@@ -1294,6 +1294,22 @@ needs_trl = pytest.mark.skipif(not importlib.util.find_spec("trl"), reason="need
 
 
 @pytest.mark.slow
+def test_margin_parts_add_up_to_the_margin_the_run_logged(tiny_run, tokenizer, capsys):
+    """experiments/margin_parts.py: one row per way π_0's y+ and y- ended, counted from the saved ids; the parts add up
+    to the held-out margin the run logged after its last iteration, and the all row is that margin."""
+    lines = run_script("margin_parts", tiny_run, capsys=capsys)
+    rows = [line.strip("| ").split(" | ") for line in lines[2:]]
+    logged = [r for r in metrics(tiny_run) if r["type"] == "held_out"][-1]
+    eot = sso.stop_token_ids(sso.AutoModelForCausalLM.from_pretrained(tiny_run / "iter_2"), tokenizer)[0]
+    triples = json.loads((tiny_run / "held_out.json").read_text())["triples"]
+    kinds = [tuple("ended" if t["ids"][s][-1] == eot else "cut" for s in ("chosen", "rejected")) for t in triples]
+    assert [(r[0], r[1], int(r[2])) for r in rows[:-1]] == [(*k, kinds.count(k)) for k in sorted(set(kinds))]
+    assert rows[-1][:3] == ["all", "all", str(logged["heldout_n"])]
+    assert float(rows[-1][3]) == pytest.approx(logged["heldout_margin"], abs=1e-4)
+    assert sum(float(r[5]) for r in rows[:-1]) == pytest.approx(logged["heldout_margin"], abs=1e-4 * len(rows))
+
+
+@pytest.mark.slow
 @needs_trl
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL 1.16's own calls of transformers' checkpointing names
 def test_offline_training_is_judged_by_the_runs_held_out_check(tiny_run, capsys):
