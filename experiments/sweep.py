@@ -29,6 +29,7 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "prompts16": ["--prompts-per-iter", "16"],
     "prompts24": ["--prompts-per-iter", "24"],
     "prompts32": ["--prompts-per-iter", "32"],
+    "tokens128": ["--max-new-tokens", "128"],  # more responses end before the limit
     "lora16-lr3e-4": ["--lora-rank", "16", "--lr", "3e-4"],
     "dpo": ["--loss", "dpo"],
     "loopfilter-none": ["--loop-filter", "none"],
