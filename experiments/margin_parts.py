@@ -25,10 +25,11 @@ from offline import finished_run  # noqa: E402
 import sso  # noqa: E402
 
 
-def margin_parts(run: Path, iteration: int) -> list[dict]:
-    """Per group of (y+ ended?, y- ended?): its prompts, mean Δ, share of Δ > 0 and part of the margin; then all."""
+def margin_parts(run: Path, iteration: int | None = None) -> list[dict]:
+    """Per group of (y+ ended?, y- ended?): its prompts, mean Δ, share of Δ > 0 and part of the margin; then all.
+    After `iteration`, by default the run's last."""
     args, held = finished_run(str(run))
-    policy, tokenizer = sso.load_model(str(run / f"iter_{iteration}"), args)
+    policy, tokenizer = sso.load_model(str(run / f"iter_{iteration or args.iters}"), args)
     with torch.no_grad():
         logps = sso.pair_logps(policy, held["triples"], tokenizer.pad_token_id, ["base"])
     delta = logps["base_chosen_mean"] - logps["base_rejected_mean"] - torch.tensor(held["initial_logratio"])  # (N,)
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iter", type=int, default=None, help="the iteration to look at (default: the last)")
     cli = parser.parse_args(argv)
     try:
-        args, _ = finished_run(cli.run)
-        rows = margin_parts(Path(cli.run), cli.iter or args.iters)
+        rows = margin_parts(Path(cli.run), cli.iter)
     except sso.SSOError as err:
         sys.exit(f"error: {err}")
     print("| y+ | y- | prompts | mean Δ | share Δ > 0 | part of the margin |\n|---|---|---|---|---|---|")
