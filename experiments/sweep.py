@@ -31,6 +31,7 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "prompts32": ["--prompts-per-iter", "32"],
     "tokens128": ["--max-new-tokens", "128"],  # more responses end before the limit
     "lora16-lr3e-4": ["--lora-rank", "16", "--lr", "3e-4"],
+    "lora16-lr1e-3": ["--lora-rank", "16", "--lr", "1e-3"],
     "dpo": ["--loss", "dpo"],
     "loopfilter-none": ["--loop-filter", "none"],
     "no-w": ["--no-w"],  # paper Table 12 ablations
