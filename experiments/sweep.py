@@ -30,6 +30,7 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "prompts24": ["--prompts-per-iter", "24"],
     "prompts32": ["--prompts-per-iter", "32"],
     "tokens128": ["--max-new-tokens", "128"],  # more responses end before the limit
+    "tokens256": ["--max-new-tokens", "256"],
     "lora16-lr3e-4": ["--lora-rank", "16", "--lr", "3e-4"],
     "lora16-lr1e-3": ["--lora-rank", "16", "--lr", "1e-3"],
     "dpo": ["--loss", "dpo"],
