@@ -75,7 +75,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 colours: no two runs share one
+    left.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 colours: up to 20 runs, each its own
     for row in rows:
         checks = row["iterations"]
         iters = [c["iter"] for c in checks]
