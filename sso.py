@@ -47,6 +47,7 @@ import shutil
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -293,9 +294,19 @@ def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -
 
 
 def looping(ids: list[int], n: int = 4) -> bool:
-    """Stuck in a loop: under half its n-grams distinct; a repeated formula or list item passes (data/looping.jsonl)."""
+    """Degenerate: under half its n-grams distinct (a line over and over), or under 70% with one 6-token phrase back
+    4 times or more (rambling); a repeated formula, number or list item passes (data/looping.jsonl)."""
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
-    return len(set(grams)) < len(grams) / 2
+    phrases = Counter(tuple(ids[i : i + 6]) for i in range(len(ids) - 5))
+    distinct = len(set(grams))
+    return distinct < len(grams) / 2 or (distinct < 0.7 * len(grams) and max(phrases.values(), default=0) >= 4)
+
+
+def restates(answer: str, query: str) -> bool:
+    """Says nothing new: at least 9 in 10 of the answer's words occur in the query (an empty answer too)."""
+    words = re.findall(r"\w+", answer.lower())
+    asked = set(re.findall(r"\w+", query.lower()))
+    return sum(word in asked for word in words) >= 0.9 * len(words)
 
 
 def filter_triples(triples: list[Triple], loop_filter: str) -> tuple[list[Triple], dict[str, int]]:
@@ -494,11 +505,9 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
         record[f"logp_{name}"] = ref[f"{key}_mean"].mean().item()  # paper Fig. 4: how on-policy, each under x
         record[f"len_{name}"] = ref[f"{key}_n"].float().mean().item()  # tokens, the end-of-turn token included
     # 5. optimize L = ℓ_base + W·γ·G
-    if args.lora_rank:  # LoRA adapters on every linear layer (peft, optional); only the adapters train
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            fail("--lora-rank needs the peft package: pip install peft")
+    if args.lora_rank:  # LoRA adapters on every linear layer; only the adapters train
+        from peft import LoraConfig, get_peft_model  # imported only when asked for
+
         rank = args.lora_rank
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
         policy = get_peft_model(policy, config)
@@ -524,22 +533,28 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
     held.setdefault("initial_logratio", logratio.tolist())  # the first check, of π_0, sets the baseline
     margin = logratio - torch.tensor(held["initial_logratio"])  # (N,) Δ against π_0
     low, high = bootstrap_interval(margin, args.seed)
+    stop_ids = stop_token_ids(policy, tokenizer)
     if plain is None:  # (π_0's own y0 were sampled with its y+ and y-)
         torch.manual_seed(args.seed * 1000 + 999)  # the same random numbers at every check: differences come from π
         contexts = [t.contexts["x"] for t in held["triples"]]
-        stop_ids = stop_token_ids(policy, tokenizer)
         plain = generate_batched(policy, tokenizer, contexts, stop_ids, args.max_new_tokens, desc="held-out y0")
+    texts = [text.strip() for text in tokenizer.batch_decode(plain, skip_special_tokens=True)]
     check = {"type": "held_out", "iter": iteration, "heldout_n": len(margin), "heldout_margin": margin.mean().item()}
     check |= {"heldout_low": low, "heldout_high": high}
     check["heldout_acc"] = (margin > 0).float().mean().item()  # share of prompts with Δ > 0
-    check["heldout_len_plain"] = sum(map(len, plain)) / len(plain)
+    check["heldout_len_plain"] = sum(map(len, plain)) / len(plain)  # y0: how the plain answers changed
+    check["heldout_ended"] = sum(ids[-1:] == stop_ids[:1] for ids in plain) / len(plain)  # before --max-new-tokens
     check["heldout_looping"] = sum(map(looping, plain)) / len(plain)
-    line = "held-out after iter {iter} | margin {heldout_margin:+.4f} [{heldout_low:+.4f}, {heldout_high:+.4f}] | acc "
-    line += "{heldout_acc:.2f} | y0 length {heldout_len_plain:.0f} | looping {heldout_looping:.2f}"
-    log(check, line.format(**check))
-    texts = tokenizer.batch_decode(plain, skip_special_tokens=True)
+    check["heldout_restates"] = sum(map(restates, texts, [t.query for t in held["triples"]])) / len(plain)
+    initial = held.setdefault("initial_check", check)  # π_0's, beside each
+    line = f"held-out after iter {iteration} | margin {check['heldout_margin']:+.4f} [{low:+.4f}, {high:+.4f}] | "
+    line += f"acc {check['heldout_acc']:.2f} | y0 (π_0's) length {check['heldout_len_plain']:.0f} "
+    line += f"({initial['heldout_len_plain']:.0f})"
+    for name in ("ended", "looping", "restates"):
+        line += f" | {name} {check['heldout_' + name]:.2f} ({initial['heldout_' + name]:.2f})"
+    log(check, line)
     pairs = zip(held["triples"], texts)
-    return check, [{"prompt": t.query, "initial": t.texts["plain"], "answer": text.strip()} for t, text in pairs]
+    return check, [{"prompt": t.query, "initial": t.texts["plain"], "answer": text} for t, text in pairs]
 
 
 @torch.no_grad()

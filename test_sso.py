@@ -638,8 +638,9 @@ def test_generate_moves_a_progress_bar_token_by_token(tokenizer, monkeypatch):
 
 def test_looping_flags_real_loops_and_keeps_ordinary_answers():
     """data/looping.jsonl: SmolLM2-135M responses sampled at the default settings, labelled by reading them: loops (a
-    line or phrase repeated over and over) and ordinary answers that repeat a few words (formulas, list items, code, a
-    topic named several times; each repeats some 4-gram 3 times, so a count rule would drop them)."""
+    line or phrase repeated over and over, or rambling that circles back to one phrase four times or more) and ordinary
+    answers that repeat a few words (formulas, numbers, list items, code, a topic named several times; each repeats
+    some 4-gram 3 times, so a count rule alone would drop them)."""
     rows = [json.loads(line) for line in (HERE / "data" / "looping.jsonl").read_text().splitlines()]
     assert {row["label"] for row in rows} == {"loop", "ordinary"} and len(rows) >= 20
     for row in rows:
@@ -647,8 +648,21 @@ def test_looping_flags_real_loops_and_keeps_ordinary_answers():
     assert sso.looping([1, 2, 3, 4] * 3) and sso.looping([7] * 6)
     assert not sso.looping(list(range(100))) and not sso.looping([]) and not sso.looping([1, 2, 3])
     prefix = list(range(100, 120))  # 20 tokens, then a 4-token phrase: 24 distinct 4-grams however often it repeats
-    assert not sso.looping(prefix + [1, 2, 3, 4] * 7)  # 24 distinct of 45 4-grams
+    assert not sso.looping(prefix + [1, 2, 3, 4] * 3)  # 24 distinct of 29 4-grams
     assert sso.looping(prefix + [1, 2, 3, 4] * 8)  # 24 distinct of 49: fewer than half
+    assert sso.looping(prefix + [1, 2, 3, 4] * 7)  # 24 of 45: over half, but under 70% and a phrase back 6 times
+    phrase = [1, 2, 3, 4, 5, 6]  # rambling: a 6-token phrase back 4 times, 2 new tokens after each: 20 of 29 distinct
+    assert sso.looping([t for i in range(4) for t in phrase + [50 + i, 60 + i]])
+    assert not sso.looping([t for i in range(3) for t in phrase + [50 + i, 60 + i]])  # 3 times: 15 of 21 distinct
+    assert not sso.looping([t for i in range(4) for t in phrase + [50 + i, 60 + i, 70 + i]])  # 24 of 33 distinct
+
+
+def test_restates_flags_answers_that_say_nothing_new():
+    query = "Is 221 a prime number? Explain."
+    assert sso.restates("Is 221 a prime number?", query) and sso.restates("", query) and sso.restates("...", query)
+    assert sso.restates("221: is 221 a prime number? Explain!", query)  # 7 of 7 words from the query
+    assert not sso.restates("No: 221 = 13 × 17.", query)  # 2 of 4 words
+    assert not sso.restates("Yes, 221 is a prime number.", query)  # 5 of 6 words: under 9 in 10
 
 
 def test_filter_drops_empty_duplicates_and_looping_chosen_responses():
@@ -721,16 +735,30 @@ def test_held_out_check_measures_the_margin_against_the_initial_policy(tokenizer
         now = sso.pair_logps(policy, triples, PAD, ["base"])
     initial = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.5, -0.4])
     expected = now["base_chosen_mean"] - now["base_rejected_mean"] - initial
-    plain = [[1, 2, 3, 4] * 3, [5, 6], list(range(20, 40)), [8, 9, 10], [1, 2, 3, 4] * 4, [11]]  # 2 of 6 loop
+    hi, q3_hi, q5 = (tokenizer(text, add_special_tokens=False).input_ids for text in ("hi", "q3 hi", "q5"))
+    plain = [  # the queries are "q0" ... "q5"
+        [1, 2, 3, 4] * 3,  # loops, no word: says nothing
+        hi + [EOT],  # ended
+        list(range(64, 84)),  # "abcdefghijklmnopqrst": one new word
+        q3_hi,  # half its words in the query
+        [1, 2, 3, 4] * 4,  # loops, no word
+        q5 + [EOT],  # restates its query, ended
+    ]
+    initial_check = {"heldout_len_plain": 80, "heldout_ended": 0.1, "heldout_looping": 0.0, "heldout_restates": 0.05}
+    held = {"triples": triples, "initial_logratio": initial.tolist(), "initial_check": initial_check}
     records = []
-    check, answers = sso.held_out_check(policy, tokenizer, {"triples": triples, "initial_logratio": initial.tolist()},
-                               args_for(), 2, lambda r, line: records.append(line), plain=plain)  # fmt: skip
+    check, answers = sso.held_out_check(policy, tokenizer, held, args_for(), 2, lambda r, line: records.append(line),
+                                        plain=plain)  # fmt: skip
     assert check["heldout_margin"] == pytest.approx(expected.mean().item(), abs=1e-6)
     assert check["heldout_acc"] == pytest.approx((expected > 0).float().mean().item())
     assert check["heldout_low"] < check["heldout_margin"] < check["heldout_high"]
     assert expected.min() <= check["heldout_low"] and check["heldout_high"] <= expected.max()
-    assert check["heldout_looping"] == pytest.approx(2 / 6) and check["heldout_len_plain"] == pytest.approx(54 / 6)
+    assert check["heldout_looping"] == pytest.approx(2 / 6) and check["heldout_len_plain"] == pytest.approx(59 / 6)
+    assert check["heldout_ended"] == pytest.approx(2 / 6) and check["heldout_restates"] == pytest.approx(3 / 6)
     assert check["iter"] == 2 and records[0].startswith("held-out after iter 2 | margin")
+    y0 = "y0 (π_0's) length 10 (80) | ended 0.33 (0.10) | looping 0.33 (0.00) | restates 0.50 (0.05)"
+    assert records[0].endswith(f"| acc {check['heldout_acc']:.2f} | {y0}")
+    assert [a["answer"] for a in answers][1::2] == ["hi", "q3 hi", "q5"] and answers[0]["prompt"] == "q0"
     fresh, _ = sso.held_out_check(policy, tokenizer, {"triples": triples, "initial_logratio": initial.tolist()},
                                args_for("--max-new-tokens", "5"), 2, lambda r, line: None)  # fmt: skip
     assert 0 < fresh["heldout_len_plain"] <= 5  # y0 sampled from the policy when none are given
@@ -1460,3 +1488,67 @@ def test_exercises_name_only_what_exists():
     flags = set(vars(sso.parse_args([])))
     mentioned = {flag[2:].replace("-", "_") for flag in re.findall(r"(?<![\w-])--[a-z][\w-]+", text)}
     assert mentioned and mentioned <= flags | {"report_only", "out", "root", "swap", "max_steps"}, mentioned - flags
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# experiments/contrast.py: does the model follow the principles?
+
+
+def naive_mean_logp(model, context: list[int], response: list[int]) -> float:
+    """Mean log-prob of the response tokens from one unpadded forward pass and a log-softmax over all positions."""
+    with torch.no_grad():
+        logits = model(torch.tensor([context + response])).logits[0]  # (T, V)
+    logps = logits.log_softmax(-1)[len(context) - 1 : -1]  # the positions that predict the response
+    return logps.gather(-1, torch.tensor(response)[:, None]).mean().item()
+
+
+def test_contrast_is_the_symmetric_divergence_computed_by_hand(tiny_dir, tokenizer, principles, tmp_path, capsys,
+                                                              monkeypatch):  # fmt: skip
+    """With y+ and y- fixed (generate replaced), each feature's C is the mean over prompts of
+    [log π(y+|p+) − log π(y+|p-)] + [log π(y-|p-) − log π(y-|p+)] (mean token log-probs from an independent forward
+    pass); the lines come strongest first with the ended shares and lengths, and the run is filed."""
+    chosen = [[10, 11, 12, EOT], [13, 14, 15, 16, 17, 18]]  # y+ of the 2 prompts: one ended, one cut at 6 tokens
+    rejected = [[20, 21, EOT], [22, 23, EOT]]  # y-: both ended
+    monkeypatch.setattr(sso, "generate_batched", lambda *args, **kwargs: chosen + rejected)
+    spec = {k: v for k, v in principles.items() if k != "features"}
+    spec["features"] = {name: principles["features"][name] for name in ("Safety", "Concision")}
+    spec |= {"selectable": ["Safety"], "random_extra": {"feature": "Concision", "probability": 0.2}}
+    spec["selection_examples"] = []
+    (tmp_path / "p.json").write_text(json.dumps(spec))
+    results = tmp_path / "contrast.jsonl"
+    argv = ["--model", tiny_dir, "--principles", tmp_path / "p.json", "--num-prompts", "2", "--seed", "3"]
+    output = run_script("contrast", *argv, "--max-new-tokens", "6", "--results", results, capsys=capsys)
+    model = make_model(tokenizer)  # the weights saved in tiny_dir
+    queries = sso.load_prompts(str(HERE / "data" / "prompts.jsonl"))
+    random.Random(3).shuffle(queries)
+    expected = {}
+    for name in ("Safety", "Concision"):
+        systems = sso.principle_system_prompts([name], spec)
+        values = []
+        for query, good, bad in zip(queries[:2], chosen, rejected):
+            pos, neg = (sso.chat_prompt_ids(tokenizer, query, systems[side]) for side in ("pos", "neg"))
+            values.append(naive_mean_logp(model, pos, good) - naive_mean_logp(model, neg, good))
+            values[-1] += naive_mean_logp(model, neg, bad) - naive_mean_logp(model, pos, bad)
+        expected[name] = sum(values) / 2
+    rows = json.loads(results.read_text())["features"]
+    assert [row["feature"] for row in rows] == sorted(expected, key=lambda name: -expected[name])  # strongest first
+    for row in rows:
+        assert row["contrast"] == pytest.approx(expected[row["feature"]], abs=1e-5)
+        assert row["low"] <= row["contrast"] <= row["high"]
+        assert (row["ended_chosen"], row["ended_rejected"], row["len_chosen"], row["len_rejected"]) == (0.5, 1, 5, 3)
+    last = output[-2:]
+    assert [line.split(" | ")[0] for line in last] == [row["feature"] for row in rows]
+    assert last[0].endswith("| ended y+ 0.50 y- 1.00 | length y+ 5 y- 3")
+    assert re.fullmatch(r"\w+ \| contrast -?\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\] \| .*", last[0])
+
+
+def test_contrast_is_zero_when_the_good_and_bad_prompts_are_the_same(tiny_dir, principles, tmp_path, capsys):
+    spec = {k: v for k, v in principles.items() if k != "features"}
+    same = {"adjectives": ["Plain", "Plain"], "meaning": "m", "good": "Answer.", "bad": "Answer."}
+    spec |= {"features": {"Same": same}, "selectable": ["Same"], "random_extra": {"feature": None, "probability": 0}}
+    spec["selection_examples"] = []
+    (tmp_path / "p.json").write_text(json.dumps(spec))
+    argv = ["--model", tiny_dir, "--principles", tmp_path / "p.json", "--num-prompts", "3", "--max-new-tokens", "5"]
+    output = run_script("contrast", *argv, capsys=capsys)
+    assert output[-1].startswith("Same | contrast 0.000 [0.000, 0.000] | ended y+")
+    assert run_script("contrast", *argv, "--num-prompts", "0", capsys=capsys) == "2"  # one line on stderr, exit 2

@@ -38,7 +38,7 @@ import sso  # noqa: E402
 TIMED = ("load_model", "held_out_data", "select_features", "sample_triples", "reference_logps", "train_epoch")
 TIMED += ("held_out_check", "generate_batched")
 HELD_OUT_KEYS = ("iter", "kept", "heldout_n", "heldout_margin", "heldout_low", "heldout_high", "heldout_acc")
-HELD_OUT_KEYS += ("heldout_len_plain", "heldout_looping")
+HELD_OUT_KEYS += ("heldout_len_plain", "heldout_ended", "heldout_looping", "heldout_restates")
 
 
 def record_calls(names=TIMED) -> list[tuple[str, float, float]]:
