@@ -21,7 +21,8 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
  2. W is not detached, as in the released code (whose IPO means mix chosen and rejected lengths; here one each).
  3. π_ref is a frozen copy made at the start of every iteration, used once before training, then freed. With LoRA,
     π_ref is the merged model before fresh (zero) adapters are attached.
- 4. A fresh AdamW every iteration. 5. Dropout is off, as in the released trainer. 6. Feature selection is greedy.
+ 4. A fresh AdamW every iteration. 5. Dropout is off, as in the released trainer. 6. Feature selection is greedy,
+    and asks the model only when it has more than k features to choose from.
  7. A response is scored as exactly the ids sampled: with the end-of-turn token that ended it, none if cut off.
  8. Triples with an empty response or two identical ones are dropped, and (--loop-filter) those with a response
     stuck in a loop (fewer than half of its 4-grams distinct): a small model learns the loops it is fed.
@@ -267,7 +268,7 @@ def select_features(model, tokenizer, queries: list[str], principles: dict, args
     answers = [""] * len(queries)  # "": a random pick
     extra = principles["random_extra"]
     picks = []
-    if args.feature_selection == "model":  # NOTE(impl) 6: greedy
+    if args.feature_selection == "model" and len(principles["selectable"]) > args.num_features:  # NOTE(impl) 6
         prompts = [chat_prompt_ids(tokenizer, selection_prompt(q, principles, args.num_features)) for q in queries]
         ids = generate_batched(model, tokenizer, prompts, stop_ids, 24, sample=False, desc="features")
         answers = tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -35,6 +35,8 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "lora16-lr1e-3": ["--lora-rank", "16", "--lr", "1e-3"],
     "dpo": ["--loss", "dpo"],
     "loopfilter-none": ["--loop-filter", "none"],
+    "steer": ["--principles", "data/smollm2_principles.json"],  # the paper's Concision alone: a class sees it steer
+    "steer-lora16-lr3e-4": ["--principles", "data/smollm2_principles.json", "--lora-rank", "16", "--lr", "3e-4"],
     "no-w": ["--no-w"],  # paper Table 12 ablations
     "no-g": ["--no-g"],
     "pbaa": ["--no-w", "--no-g"],
