@@ -99,6 +99,7 @@ def default_run(flags: list[str], keep: str | None, setting: str, results: str |
     """`python sso.py --iters 3 FLAGS` in this process from an empty $SSO_CACHE: phases, wall time, peak RSS."""
     os.environ |= {"SSO_CACHE": tempfile.mkdtemp(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = Path(keep) if keep else Path(tempfile.mkdtemp()) / "run"
+    started_at = commit()  # the code the run starts with
     calls = record_calls()
     sso.main(["--iters", "3", *flags, "--output-dir", str(out)])
     wall, rss = time.time() - STARTED, peak_rss_mb()
@@ -113,7 +114,7 @@ def default_run(flags: list[str], keep: str | None, setting: str, results: str |
             rows.setdefault(record["iter"], {}).update({k: v for k, v in record.items() if k in HELD_OUT_KEYS})
     if results:
         config = json.loads((out / "config.json").read_text())
-        row = {"setting": setting, "seed": config["seed"], "flags": flags, "commit": commit(), "config": config}
+        row = {"setting": setting, "seed": config["seed"], "flags": flags, "commit": started_at, "config": config}
         row |= {"wall_min": wall / 60, "peak_rss_mb": rss, "phases": split, "iterations": list(rows.values())}
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
