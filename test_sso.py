@@ -127,7 +127,7 @@ def smollm2_dir(sso_cache):
 
 
 def args_for(*extra):
-    return sso.parse_args(["--max-new-tokens", "6", *extra])
+    return sso.parse_args(["--max-new-tokens", "6", "--lora-rank", "0", *extra])  # full fine-tuning unless extra says
 
 
 def make_triple(contexts, chosen, rejected, plain, query="q"):
@@ -645,7 +645,7 @@ def test_looping_flags_real_loops_and_keeps_ordinary_answers():
     assert {row["label"] for row in rows} == {"loop", "ordinary"} and len(rows) >= 20
     for row in rows:
         assert sso.looping(row["ids"]) == (row["label"] == "loop"), (row["note"], row["text"][:200])
-    assert sso.looping([1, 2, 3, 4] * 3) and sso.looping([7] * 6)
+    assert sso.looping([1, 2, 3, 4] * 3) and sso.looping([7] * 6) and not sso.looping([7] * 5)  # 1 of 2 distinct
     assert not sso.looping(list(range(100))) and not sso.looping([]) and not sso.looping([1, 2, 3])
     prefix = list(range(100, 120))  # 20 tokens, then a 4-token phrase: 24 distinct 4-grams however often it repeats
     assert not sso.looping(prefix + [1, 2, 3, 4] * 3)  # 24 distinct of 29 4-grams
@@ -1239,28 +1239,61 @@ def test_cpu_benchmark_script_times_every_phase(tiny_dir):
 
 @pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib (requirements-dev.txt)")
 def test_default_run_is_filed_in_the_results_file_and_reported(tiny_dir, tmp_path, monkeypatch, capsys):
-    """bench_sso.py --default-run times a whole run by phase and appends its numbers to a results file; sweep.py's
-    report and figure are made from that file alone, and a (setting, seed) already there is not run again."""
+    """bench_sso.py --default-run times a whole run by phase and appends its numbers to a results file; a command
+    already filed is not run again; --report-only writes the pages' tables and the figures from that file alone."""
     results = tmp_path / "results.jsonl"
     flags = ["--model", tiny_dir, "--prompts-per-iter", "2", "--eval-prompts", "2", "--max-new-tokens", "4"]
-    argv = ["--only", "default", "--seeds", "0", "3", "--root", tmp_path / "runs", "--results", results]
-    argv += ["--plot", tmp_path / "s.png", *flags]
+    argv = ["--only", "default", "--seeds", "0", "3", "--root", tmp_path / "runs", "--results", results, *flags]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # each run is a process of its own, started by sweep.py
-    output = run_script("sweep", *argv, capsys=capsys)
+    run_script("sweep", *argv, capsys=capsys)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["setting"], r["seed"]) for r in rows] == [("default", 0), ("default", 3)]
     for row in rows:
         checks = metrics(tmp_path / "runs" / f"default_s{row['seed']}")
         held = [r for r in checks if r["type"] == "held_out"]
         assert [c["heldout_margin"] for c in row["iterations"]] == [c["heldout_margin"] for c in held]  # from the run
+        assert [c["heldout_restates"] for c in row["iterations"]] == [c["heldout_restates"] for c in held]
         assert [c["iter"] for c in row["iterations"]] == [0, 1, 2, 3] and row["config"]["prompts_per_iter"] == 2
         assert row["wall_min"] * 60 == pytest.approx(sum(row["phases"].values()), rel=1e-6) and row["peak_rss_mb"] > 0
         assert row["phases"]["training"] > 0 and row["phases"]["held-out answers (y0)"] > 0
-    table = output[[line.startswith("| setting |") for line in output].index(True) :]
-    assert len(table) == 4 and "`python sso.py --iters 3 --model" in table[2] and "--seed 3`" in table[3]
-    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    again = run_script("sweep", *argv, capsys=capsys)  # both finished: nothing reruns
+    again = run_script("sweep", *argv, capsys=capsys)  # both filed: nothing reruns
     assert not any(line.startswith("#####") for line in again) and len(results.read_text().splitlines()) == 2
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- table default -->\nold\n<!-- /table -->\n<!-- table steer -->\n<!-- /table -->\nend\n")
+    report = ["--report-only", "--results", results, "--pages", page, "--figures", tmp_path, *flags]
+    run_script("sweep", *report, capsys=capsys)
+    lines = page.read_text().splitlines()
+    table = lines[2 : lines.index("<!-- /table -->")]
+    assert lines[:2] == ["intro", "<!-- table default -->"] and lines[-1] == "end" and "old" not in lines
+    assert len(table) == 4 and "`python sso.py --iters 3 --model" in table[2] and table[3].endswith(" GB |")
+    assert "--seed 3`" in table[3] and "--seed" not in table[2]
+    first, last = rows[1]["iterations"][0], rows[1]["iterations"][-1]
+    assert f"| {first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f} |" in table[3]
+    steer = lines[lines.index("<!-- table steer -->") + 1 : -2]
+    assert len(steer) == 2 and steer[0] == table[0]  # no run of that setting: the header alone
+    for name in sweep_figures():
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def sweep_figures():
+    sys.path.insert(0, str(HERE / "experiments"))
+    return list(importlib.import_module("sweep").FIGURES)
+
+
+def test_a_run_keeps_its_command_when_the_defaults_change():
+    """A filed run is known by the flags in which its config differs from today's defaults: the same config gives
+    other flags when a default moves, and a setting's flags are what its finished run's config gives."""
+    sys.path.insert(0, str(HERE / "experiments"))
+    sweep = importlib.import_module("sweep")
+    config = vars(sso.parse_args(["--lora-rank", "0", "--lr", "5e-5", "--no-w", "--seed", "2"]))
+    config |= {"model": "/somewhere/" + sso.GGUF_FILE, "principles": "/elsewhere/principles.json"}  # as a run saves
+    config |= {"micro_batch_size": 1}  # a flag of an older sso.py
+    assert sweep.command_flags(config) == ["--lora-rank", "0", "--no-w", "--lr", "5e-5", "--seed", "2"]
+    assert sweep.command_flags(config, seed=False) == sweep.setting_flags(sweep.SETTINGS["no-w"])
+    assert sweep.command({"config": vars(sso.parse_args([]))}) == "python sso.py --iters 3"
+    steer = vars(sso.parse_args(["--principles", str(HERE / "data" / "smollm2_principles.json")]))
+    assert sweep.command_flags(steer) == sweep.setting_flags(sweep.SETTINGS["steer"])
+    assert [sweep.spelled(v) for v in (0.1, 5e-5, 2.5e-5, 3e-4, 0.0)] == ["0.1", "5e-5", "2.5e-5", "3e-4", "0"]
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib (requirements-dev.txt)")

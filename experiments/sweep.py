@@ -1,98 +1,228 @@
-"""Seed runs and sweeps of sso.py at classroom scale (SmolLM2-135M-Instruct, 2 CPU cores), filed in results.jsonl.
+"""Runs of sso.py at classroom scale (SmolLM2-135M-Instruct, 2 CPU cores), filed in results.jsonl, and the experiments
+page made from that file.
 
     python experiments/sweep.py --only default --seeds 0 1 2    # the default command on three seeds
-    python experiments/sweep.py --only lr1e-4 no-w --seeds 0    # other settings
-    python experiments/sweep.py --report-only                   # the README's tables and sweep.png, from results.jsonl
+    python experiments/sweep.py --only steer --seeds 0 1 2      # the run a class sees steer (README.md)
+    python experiments/sweep.py --only no-w no-g pbaa           # the paper's W/G ablations (Table 12), seed 0
+    python experiments/sweep.py --report-only                   # the tables of both READMEs, and the figures
 
-Each run is `python benchmarks/bench_sso.py --default-run` with the setting's flags and the seed: the default command
-(`python sso.py --iters 3`) plus those flags, from an empty $SSO_CACHE, with its phases timed. It runs in a process of
-its own, so its wall time and peak memory are its own, and appends one line to experiments/results.jsonl: the
-setting, seed, resolved config, the held-out check after every iteration (margin against π_0 with its 95% interval,
-accuracy, length and looping share of the plain answers y0), wall time, peak memory and the time of each phase. A
-(setting, seed) already in the file is skipped, so a sweep stopped midway continues where it stopped; run one at a
-time, since two runs side by side take twice as long each.
+Each run is `python benchmarks/bench_sso.py --default-run` with the setting's flags and the seed: `python sso.py
+--iters 3` plus those flags, from an empty $SSO_CACHE, with its phases timed. It runs in a process of its own, so its
+wall time and peak memory are its own, and appends one line to experiments/results.jsonl: the setting, seed, resolved
+config, the held-out check after every iteration (margin against π_0 with its 95% interval, accuracy, and the plain
+answers' length and shares that end, loop and restate the prompt), wall time, peak memory and the time of each phase.
+A run is known by its command: the flags in which its config differs from sso.py's defaults of today, so a row keeps
+its meaning when a default changes, and a command already in the file is not run again (a sweep stopped midway
+continues where it stopped) unless --rerun asks for it; the pages show the run of a command filed last. Run one at a time: two runs side by side take twice as long each.
+
+--report-only rewrites the tables between `<!-- table NAME -->` and `<!-- /table -->` in README.md and
+experiments/README.md and draws the figures of the latter, from results.jsonl and contrast.jsonl alone: nothing there
+is typed twice.
 """
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import contrast  # noqa: E402
+
+import sso  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.jsonl"
+FULL = ["--lora-rank", "0", "--lr", "5e-5"]  # the paper's full fine-tuning, at the learning rate that suits it
 SETTINGS = {  # name: flags added to sso.py's defaults
     "default": [],
-    "lr1e-4": ["--lr", "1e-4"],
-    "lr2e-5": ["--lr", "2e-5"],
-    "prompts16": ["--prompts-per-iter", "16"],
-    "prompts24": ["--prompts-per-iter", "24"],
-    "prompts32": ["--prompts-per-iter", "32"],
-    "tokens128": ["--max-new-tokens", "128"],  # more responses end before the limit
-    "tokens256": ["--max-new-tokens", "256"],
+    "steer": ["--principles", "data/smollm2_principles.json"],  # the paper's Concision alone: a class sees it steer
+    "steer-lora16-lr3e-4": ["--principles", "data/smollm2_principles.json", "--lora-rank", "16", "--lr", "3e-4"],
+    "full": FULL,
+    "full-lr1e-4": ["--lora-rank", "0", "--lr", "1e-4"],
+    "full-lr2e-5": ["--lora-rank", "0", "--lr", "2e-5"],
+    "prompts16": [*FULL, "--prompts-per-iter", "16"],
+    "prompts24": [*FULL, "--prompts-per-iter", "24"],
+    "prompts32": [*FULL, "--prompts-per-iter", "32"],
+    "tokens128": [*FULL, "--max-new-tokens", "128"],  # more responses end before the limit
+    "tokens256": [*FULL, "--max-new-tokens", "256"],
     "lora16-lr3e-4": ["--lora-rank", "16", "--lr", "3e-4"],
     "lora16-lr1e-3": ["--lora-rank", "16", "--lr", "1e-3"],
     "dpo": ["--loss", "dpo"],
     "loopfilter-none": ["--loop-filter", "none"],
-    "steer": ["--principles", "data/smollm2_principles.json"],  # the paper's Concision alone: a class sees it steer
-    "steer-lora16-lr3e-4": ["--principles", "data/smollm2_principles.json", "--lora-rank", "16", "--lr", "3e-4"],
-    "no-w": ["--no-w"],  # paper Table 12 ablations
-    "no-g": ["--no-g"],
-    "pbaa": ["--no-w", "--no-g"],
+    "no-w": [*FULL, "--no-w"],  # paper Table 12 ablations, with full fine-tuning as in the paper
+    "no-g": [*FULL, "--no-g"],
+    "pbaa": [*FULL, "--no-w", "--no-g"],
 }
+PAGE = {  # experiments/README.md: table name -> the settings whose runs it shows
+    "default": ["default"],
+    "steer": ["steer"],
+    "full": ["full"],
+    "ablations": ["full", "no-w", "no-g", "pbaa"],
+    "settings": ["full", "full-lr1e-4", "full-lr2e-5", "prompts16", "prompts24", "prompts32", "tokens128", "tokens256"]
+    + ["lora16-lr3e-4", "lora16-lr1e-3", "steer-lora16-lr3e-4"],
+}
+FIGURES = {  # experiments/README.md: figure -> its panels, each (title, settings, seeds); at most 6 runs a panel
+    "default.png": [("the default command", ["default"], [0, 1, 2]), ("full fine-tuning", ["full"], [0, 1, 2])],
+    "steer.png": [("Concision alone (data/smollm2_principles.json)", ["steer"], [0, 1, 2])],
+    "ablations.png": [("the W/G ablations, full fine-tuning, seed 0", PAGE["ablations"], [0])],
+    "settings.png": [
+        ("budget, seed 1", ["full", "prompts16", "prompts24", "prompts32"], [1]),
+        ("tokens and learning rate, seed 1", ["full", "tokens128", "tokens256", "full-lr1e-4", "full-lr2e-5"], [1]),
+        ("LoRA rank 16", ["lora16-lr3e-4", "lora16-lr1e-3"], [0, 1, 2]),
+    ],
+}
+CURVES = [  # the rows of every figure: (held-out key, axis label)
+    ("heldout_margin", "base-pair margin against π_0"),
+    ("heldout_len_plain", "length of plain answers y0 (tokens)"),
+    ("heldout_looping", "share of y0 stuck in a loop"),
+]
 
 
-def load(path: Path = RESULTS) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def short_path(path: str) -> str:
+    """A bundled file's path from the repository root, wherever the repository was (data/x.json, principles.json)."""
+    path = Path(path)
+    return f"data/{path.name}" if path.parent.name == "data" else path.name
+
+
+def spelled(value: float) -> str:
+    """A float as one would type it: 0.1, 5e-5, 2.5e-5."""
+    if not value or abs(value) >= 1e-2:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def command_flags(config: dict, seed: bool = True) -> list[str]:
+    """The flags in which a run's config differs from sso.py's defaults of today: the run's command now."""
+    defaults = vars(sso.parse_args([]))
+    flags = []
+    for key, value in config.items():
+        default = defaults.get(key, value)  # a flag sso.py no longer has (micro_batch_size) says nothing today
+        if key in ("prompts", "principles"):
+            value, default = short_path(value), short_path(default)
+        if key == "model" and str(value).endswith(sso.GGUF_FILE):  # the default model, wherever it was installed
+            value = default
+        if value == default or key in ("output_dir", "resume", "iters") or (key == "seed" and not seed):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else flag.replace("--", "--no-", 1))
+        else:
+            flags += [flag, spelled(value) if isinstance(value, float) else str(value)]
+    return flags
+
+
+def setting_flags(flags: list[str]) -> list[str]:
+    """The command flags of a run that sso.py FLAGS will make, spelled as command_flags spells a finished run's."""
+    return command_flags(vars(sso.parse_args(flags)))
 
 
 def command(row: dict) -> str:
-    return " ".join(["python sso.py --iters 3", *row["flags"]])
+    return " ".join(["python sso.py --iters 3", *command_flags(row["config"])])
 
 
-def report(rows: list[dict]) -> str:
-    """One markdown row per run: the held-out check after the last iteration, and iteration 0 → last for y0."""
+def runs_of(rows: list[dict], settings: list[str], seeds: list[int] | None = None, extra=()) -> list[dict]:
+    """The filed runs of these settings (in this order, each with the extra flags), on these seeds (default: all)."""
+    wanted = [setting_flags([*SETTINGS[name], *extra]) for name in settings]
+    latest = {}  # (command, seed) -> the run filed last: a rerun (--rerun) replaces an earlier one on the page
+    for row in rows:
+        flags = command_flags(row["config"], seed=False)
+        if flags in wanted and (seeds is None or row["seed"] in seeds):
+            latest[wanted.index(flags), row["seed"]] = row
+    return [latest[key] for key in sorted(latest)]
+
+
+def label(row: dict) -> str:
+    flags = " ".join(command_flags(row["config"], seed=False)) or "the default command"
+    return f"{flags}, seed {row['seed']}"
+
+
+def table(rows: list[dict]) -> str:
+    """One markdown row per run: the held-out check after the last iteration, π_0's → the last for the plain y0."""
     lines = [
-        "| setting | command | held-out margin [95% interval] | acc | looping y0 | length y0 | wall time | peak memory |",
-        "|---|---|---|---|---|---|---|---|",
+        "| command | held-out margin [95% interval] | acc | length y0 | ended y0 | looping y0 | restates y0 | wall time "
+        "| peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(rows, key=lambda r: (r["setting"] != "default", r["setting"], r["seed"])):
+    for row in rows:
         first, last = row["iterations"][0], row["iterations"][-1]
-        setting = f"{row['setting']} ({row['note']})" if "note" in row else row["setting"]  # a run of a variant
-        lines.append(
-            f"| {setting} | `{command(row)}` | {last['heldout_margin']:+.4f} [{last['heldout_low']:+.4f}, "
-            f"{last['heldout_high']:+.4f}] | {last['heldout_acc']:.2f} | {first['heldout_looping']:.2f} → "
-            f"{last['heldout_looping']:.2f} | {first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f} | "
-            f"{row['wall_min']:.1f} min | {row['peak_rss_mb'] / 1024:.1f} GB |"
-        )
+        note = f" ({row['note']})" if "note" in row else ""  # a run of a variant of sso.py
+        cells = [f"`{command(row)}`{note}"]
+        cells.append(f"{last['heldout_margin']:+.4f} [{last['heldout_low']:+.4f}, {last['heldout_high']:+.4f}]")
+        cells.append(f"{last['heldout_acc']:.2f}")
+        cells.append(f"{first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f}")
+        for key in ("heldout_ended", "heldout_looping", "heldout_restates"):
+            cells.append(f"{first[key]:.2f} → {last[key]:.2f}" if key in last else "-")  # older rows lack some
+        cells += [f"{row['wall_min']:.1f} min", f"{row['peak_rss_mb'] / 1024:.1f} GB"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Held-out margin (with its interval) and looping share after each iteration, one line per run."""
+def contrast_tables(path: Path) -> dict[str, str]:
+    """Each filed contrast.py run as its command and table, named by its principles file."""
+    tables = {}
+    for run in map(json.loads, path.read_text().splitlines() if path.exists() else []):
+        args = sso.parse_args(run["flags"])
+        flags = " ".join([*run["flags"], "--num-prompts", str(run["num_prompts"])])
+        heading = f"`python experiments/contrast.py {flags}` ({run['seconds'] / 60:.1f} min), strongest first:\n\n"
+        tables[f"contrast {short_path(args.principles)}"] = heading + contrast.table(run)
+    return tables
+
+
+def write_page(page: Path, tables: dict[str, str]) -> None:
+    """Replace each `<!-- table NAME -->` ... `<!-- /table -->` block of the page with its table."""
+    text = page.read_text()
+    for name, markdown in tables.items():
+        block = re.compile(rf"(<!-- table {re.escape(name)} -->\n).*?(<!-- /table -->)", re.DOTALL)
+        text = block.sub(lambda match: match.group(1) + markdown + "\n" + match.group(2), text)
+    page.write_text(text)
+
+
+def plot(rows: list[dict], path: Path, panels: list[tuple], extra=()) -> None:
+    """One column per panel, one row per curve (CURVES) against the iteration; each run a line, the legend below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 colours: up to 20 runs, each its own
-    for row in rows:
-        checks = row["iterations"]
-        iters = [c["iter"] for c in checks]
-        margin = [c["heldout_margin"] for c in checks]
-        below = [c["heldout_margin"] - c["heldout_low"] for c in checks]
-        above = [c["heldout_high"] - c["heldout_margin"] for c in checks]
-        label = f"{row['setting']}, seed {row['seed']}"
-        line = left.errorbar(iters, margin, yerr=[below, above], marker="o", capsize=3, label=label)
-        right.plot(iters, [c["heldout_looping"] for c in checks], marker="o", color=line[0].get_color())
-    left.axhline(0, color="gray", lw=0.8)
-    left.set(xlabel="iteration", ylabel="held-out base-pair margin vs initial (95% interval)", xticks=iters)
-    right.set(xlabel="iteration", ylabel="looping share of held-out plain answers y0", xticks=iters)
-    left.legend(fontsize=7)
+    fig, axes = plt.subplots(
+        len(CURVES), len(panels), figsize=(5 * len(panels), 2.6 * len(CURVES) + 1.2), squeeze=False
+    )
+    for column, (title, settings, seeds) in enumerate(panels):
+        for row in runs_of(rows, settings, seeds, extra):
+            checks = row["iterations"]
+            iters = [c["iter"] for c in checks]
+            for axis, (key, _) in zip(axes[:, column], CURVES):
+                axis.plot(iters, [c[key] for c in checks], marker="o", label=label(row))
+            low = [c["heldout_low"] for c in checks]
+            high = [c["heldout_high"] for c in checks]
+            axes[0, column].fill_between(iters, low, high, alpha=0.12, color=axes[0, column].lines[-1].get_color())
+        axes[0, column].set_title(title, fontsize=10)
+        axes[0, column].axhline(0, color="gray", lw=0.8)
+        for axis, (_, ylabel) in zip(axes[:, column], CURVES):
+            axis.set(xlabel="iteration (0: the initial policy π_0)", ylabel=ylabel, xticks=[0, 1, 2, 3])
+        if axes[-1, column].lines:  # a panel with no run filed yet stays empty
+            axes[-1, column].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # the legends below the axes included
+    plt.close(fig)
+
+
+def report(rows: list[dict], pages: list[Path], contrasts: Path, figures: Path, extra=()) -> None:
+    tables = {name: table(runs_of(rows, settings, extra=extra)) for name, settings in PAGE.items()}
+    for page in pages:
+        write_page(page, tables | contrast_tables(contrasts))
+    for name, panels in FIGURES.items():
+        plot(rows, figures / name, panels, extra)
+    print(f"wrote the tables of {', '.join(map(str, pages))} and the figures in {figures}")
+
+
+def load(path: Path = RESULTS) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,25 +231,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--root", default="runs/sweep", help="one run folder per setting and seed")
     parser.add_argument("--results", default=str(RESULTS), help="the file each finished run appends its line to")
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--plot", default=str(HERE / "sweep.png"), help="the figure written from the results file")
+    parser.add_argument("--rerun", action="store_true", help="run a command filed already (a newer sso.py)")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the page's tables and figures")
+    pages = [str(HERE.parent / "README.md"), str(HERE / "README.md")]
+    parser.add_argument("--pages", nargs="*", default=pages, help="the pages whose tables --report-only writes")
+    parser.add_argument("--figures", default=str(HERE), help="the folder --report-only draws the figures in")
     cli, extra = parser.parse_known_args(argv)  # anything else goes to every run, e.g. --model
     results = Path(cli.results)
     for name in [] if cli.report_only else cli.only:
         for seed in cli.seeds:
-            if any(r["setting"] == name and r["seed"] == seed for r in load(results)):
-                continue
+            flags = [*SETTINGS[name], *extra, "--seed", str(seed)]
+            if not cli.rerun and any(command_flags(row["config"]) == setting_flags(flags) for row in load(results)):
+                continue  # filed already
             out = Path(cli.root) / f"{name}_s{seed}"
             shutil.rmtree(out, ignore_errors=True)  # a run stopped midway starts again: its time is measured whole
-            print(f"##### {out.name}: {' '.join(SETTINGS[name])}", flush=True)
+            print(f"##### {out.name}: {' '.join(flags)}", flush=True)
             bench = [sys.executable, str(HERE.parent / "benchmarks" / "bench_sso.py"), "--default-run"]
             bench += ["--keep", str(out), "--results", str(results), "--setting", name]
-            seed_flags = ["--seed", str(seed)] if seed else []  # seed 0 is sso.py's default
-            subprocess.run([*bench, *SETTINGS[name], *extra, *seed_flags], check=True)
-    rows = load(results)
-    print(report(rows))
-    if rows:
-        plot(rows, Path(cli.plot))
+            subprocess.run([*bench, *flags], check=True)
+    if cli.report_only:
+        pages = [Path(page) for page in cli.pages]
+        report(load(results), pages, HERE / "contrast.jsonl", Path(cli.figures), extra)
 
 
 if __name__ == "__main__":
