@@ -41,6 +41,7 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "default": [],
     "steer": ["--principles", "data/smollm2_principles.json"],  # the paper's Concision alone: a class sees it steer
     "steer-lora16-lr3e-4": ["--principles", "data/smollm2_principles.json", "--lora-rank", "16", "--lr", "3e-4"],
+    "steer-full": ["--principles", "data/smollm2_principles.json", *FULL],  # full fine-tuning overshoots?
     "full": FULL,
     "full-lr1e-4": ["--lora-rank", "0", "--lr", "1e-4"],
     "full-lr2e-5": ["--lora-rank", "0", "--lr", "2e-5"],
@@ -60,6 +61,7 @@ SETTINGS = {  # name: flags added to sso.py's defaults
 PAGE = {  # experiments/README.md: table name -> the settings whose runs it shows
     "default": ["default"],
     "steer": ["steer"],
+    "steer-full": ["steer-full"],
     "full": ["full"],
     "ablations": ["full", "no-w", "no-g", "pbaa"],
     "settings": ["full", "full-lr1e-4", "full-lr2e-5", "prompts16", "prompts24", "prompts32", "tokens128", "tokens256"]
@@ -67,7 +69,10 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
 }
 FIGURES = {  # experiments/README.md: figure -> its panels, each (title, settings, seeds); at most 6 runs a panel
     "default.png": [("the default command", ["default"], [0, 1, 2]), ("full fine-tuning", ["full"], [0, 1, 2])],
-    "steer.png": [("Concision alone (data/smollm2_principles.json)", ["steer"], [0, 1, 2])],
+    "steer.png": [
+        ("Concision alone (data/smollm2_principles.json)", ["steer"], [0, 1, 2]),
+        ("the same with full fine-tuning", ["steer-full"], [0, 1, 2]),
+    ],
     "ablations.png": [("the W/G ablations, full fine-tuning, seed 0", PAGE["ablations"], [0])],
     "settings.png": [
         ("budget, seed 1", ["full", "prompts16", "prompts24", "prompts32"], [1]),
@@ -78,6 +83,7 @@ FIGURES = {  # experiments/README.md: figure -> its panels, each (title, setting
 CURVES = [  # the rows of every figure: (held-out key, axis label)
     ("heldout_margin", "base-pair margin against π_0"),
     ("heldout_len_plain", "length of plain answers y0 (tokens)"),
+    ("heldout_ended", "share of y0 that end"),
     ("heldout_looping", "share of y0 stuck in a loop"),
 ]
 
@@ -193,14 +199,16 @@ def plot(rows: list[dict], path: Path, panels: list[tuple], extra=()) -> None:
         len(CURVES), len(panels), figsize=(5 * len(panels), 2.6 * len(CURVES) + 1.2), squeeze=False
     )
     for column, (title, settings, seeds) in enumerate(panels):
-        for row in runs_of(rows, settings, seeds, extra):
+        for number, row in enumerate(runs_of(rows, settings, seeds, extra)):
             checks = row["iterations"]
             iters = [c["iter"] for c in checks]
+            color = f"C{number}"  # the run's colour in every row of the panel
             for axis, (key, _) in zip(axes[:, column], CURVES):
-                axis.plot(iters, [c[key] for c in checks], marker="o", label=label(row))
+                if key in checks[0]:  # runs of an older sso.py did not log every key
+                    axis.plot(iters, [c[key] for c in checks], marker="o", label=label(row), color=color)
             low = [c["heldout_low"] for c in checks]
             high = [c["heldout_high"] for c in checks]
-            axes[0, column].fill_between(iters, low, high, alpha=0.12, color=axes[0, column].lines[-1].get_color())
+            axes[0, column].fill_between(iters, low, high, alpha=0.12, color=color)
         axes[0, column].set_title(title, fontsize=10)
         axes[0, column].axhline(0, color="gray", lw=0.8)
         for axis, (_, ylabel) in zip(axes[:, column], CURVES):
