@@ -5,8 +5,8 @@
 
 Online SSO (sso.py) samples each iteration's pairs from the policy it is training. Offline, the pairs the run saved,
 every iteration's base pair (x: y+ > y-, iter_*/triples.jsonl), train the initial model π_0 in one pass with TRL's
-DPOTrainer: IPO on mean token log-probs, the run's β, learning rate and batch size, a constant learning rate and
-AdamW's weight decay as in sso.py, one optimizer step per batch. TRL weights every pair alike: no W, no G, no pos or
+DPOTrainer: IPO on mean token log-probs, the run's β, learning rate, batch size and LoRA adapters (if it had them), a
+constant learning rate and AdamW's weight decay as in sso.py, one optimizer step per batch. TRL weights every pair alike: no W, no G, no pos or
 neg pair. The result is judged by sso.py's own held-out check against π_0 on the run's held-out set (held_out.json),
 so its last line reads like the run's own `held-out after iter T` line.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from peft import LoraConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sso  # noqa: E402
@@ -37,6 +38,13 @@ def finished_run(folder: str) -> tuple[argparse.Namespace, dict]:
         sso.fail(f"{run} has no held-out set (held_out.json): it ran with --eval-prompts 0")
     held = json.loads((run / "held_out.json").read_text())
     return args, held | {"triples": [sso.Triple(**t) for t in held["triples"]]}
+
+
+def adapters(args, task_type: str):
+    """The run's LoRA adapters, so that TRL trains as sso.py did at the run's learning rate; None: full fine-tuning."""
+    if not args.lora_rank:
+        return None
+    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", task_type=task_type)
 
 
 def base_pairs(folder: str, iters: int) -> datasets.Dataset:
@@ -79,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         report_to="none",
         logging_steps=10,
     )
-    trainer = DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer)
+    lora = adapters(args, "CAUSAL_LM")
+    trainer = DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
     if cli.max_steps != 0:
         trainer.train()
     if not trainer.accelerator.is_main_process:  # under accelerate launch, one process judges the result

@@ -4,7 +4,7 @@
 
 The reward model is the initial model π_0 with a one-logit sequence-classification head, trained with TRL's
 RewardTrainer (the Bradley-Terry loss −log σ(r(x, y+) − r(x, y-))) on every iteration's base pair (x: y+ > y-) for one
-pass. It is then asked which of y+ and y- is better on the run's held-out prompts, whose y+ and y- π_0 sampled under
+pass, at the run's learning rate and with its LoRA adapters if it had them (the head trains in full). It is then asked which of y+ and y- is better on the run's held-out prompts, whose y+ and y- π_0 sampled under
 the good and the bad principles and which it never trained on: its accuracy there, with a 95% bootstrap interval,
 against chance (0.5), and on its own training pairs.
 """
@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline import base_pairs, finished_run, sso  # noqa: E402
+from offline import adapters, base_pairs, finished_run, sso  # noqa: E402
 
 
 @torch.no_grad()
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last token before the padding
-    trainer = RewardTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer)
+    lora = adapters(args, "SEQ_CLS")  # the fresh one-logit head trains in full beside the adapters
+    trainer = RewardTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
     trainer.train()
     model = trainer.model.eval()
     trained = accuracy(model, tokenizer, list(pairs))
