@@ -65,7 +65,7 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
     "full": ["full"],
     "ablations": ["full", "no-w", "no-g", "pbaa"],
     "settings": ["full", "full-lr1e-4", "full-lr2e-5", "prompts16", "prompts24", "prompts32", "tokens128", "tokens256"]
-    + ["lora16-lr3e-4", "lora16-lr1e-3", "steer-lora16-lr3e-4"],
+    + ["lora16-lr1e-3"],  # LoRA at lr 3e-4 is the default command (its own table)
 }
 FIGURES = {  # experiments/README.md: figure -> its panels, each (title, settings, seeds); at most 6 runs a panel
     "default.png": [("the default command", ["default"], [0, 1, 2]), ("full fine-tuning", ["full"], [0, 1, 2])],
@@ -222,6 +222,8 @@ def plot(rows: list[dict], path: Path, panels: list[tuple], extra=()) -> None:
 
 def report(rows: list[dict], pages: list[Path], contrasts: Path, figures: Path, extra=()) -> None:
     tables = {name: table(runs_of(rows, settings, extra=extra)) for name, settings in PAGE.items()}
+    known = [setting_flags([*flags, *extra]) for flags in SETTINGS.values()]
+    tables["variants"] = table([row for row in rows if command_flags(row["config"], seed=False) not in known])
     for page in pages:
         write_page(page, tables | contrast_tables(contrasts))
     for name, panels in FIGURES.items():
