@@ -80,6 +80,7 @@ FIGURES = {  # experiments/README.md: figure -> its panels, each (title, setting
         ("LoRA rank 16", ["lora16-lr3e-4", "lora16-lr1e-3"], [0, 1, 2]),
     ],
 }
+DEFAULTS = vars(sso.parse_args([]))  # sso.py's settings of today, against which a filed run's command is spelled
 CURVES = [  # the rows of every figure: (held-out key, axis label)
     ("heldout_margin", "base-pair margin against π_0"),
     ("heldout_len_plain", "length of plain answers y0 (tokens)"),
@@ -104,10 +105,9 @@ def spelled(value: float) -> str:
 
 def command_flags(config: dict, seed: bool = True) -> list[str]:
     """The flags in which a run's config differs from sso.py's defaults of today: the run's command now."""
-    defaults = vars(sso.parse_args([]))
     flags = []
     for key, value in config.items():
-        default = defaults.get(key, value)  # a flag sso.py no longer has (micro_batch_size) says nothing today
+        default = DEFAULTS.get(key, value)  # a flag sso.py no longer has (micro_batch_size) says nothing today
         if key in ("prompts", "principles"):
             value, default = short_path(value), short_path(default)
         if key == "model" and str(value).endswith(sso.GGUF_FILE):  # the default model, wherever it was installed
