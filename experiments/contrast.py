@@ -30,10 +30,12 @@ import sso  # noqa: E402
 
 
 def mean_logps(model, contexts: list[list[int]], responses: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Mean token log π(response | context) of each row, (N,)."""
-    batch = sso.pad_batch([c + r for c, r in zip(contexts, responses)], [len(c) for c in contexts], pad_id)
-    logp_sum, n_tokens = sso.sequence_logps(model, **batch)
-    return logp_sum / n_tokens
+    """Mean token log π(response | context) of each row, (N,), in one right-padded batch on the model's device."""
+    rows = [context + response for context, response in zip(contexts, responses)]
+    batch = sso.pad_batch(rows, [len(context) for context in contexts], pad_id)
+    device = next(model.parameters()).device
+    logp_sum, n_tokens = sso.sequence_logps(model, **{key: value.to(device) for key, value in batch.items()})
+    return (logp_sum / n_tokens).cpu()
 
 
 def divergence(logps: dict[str, torch.Tensor]) -> torch.Tensor:
