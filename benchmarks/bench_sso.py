@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sso.py --default-run         # `python sso.py --iters 3` as a user first runs it
     python benchmarks/bench_sso.py --default-run --seed 1 --results experiments/results.jsonl --setting default
+    python benchmarks/bench_sso.py --default-run --generator     # `python sso_generator.py` (the paper's v2) alike
     python benchmarks/bench_sso.py                       # one iteration, phase by phase
     python benchmarks/bench_sso.py --no-gradient-checkpointing --batch-size 2   # any sso.py flag can be added
 
@@ -34,11 +35,13 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sso  # noqa: E402
+import sso_generator  # noqa: E402
 
-TIMED = ("load_model", "held_out_data", "select_features", "sample_triples", "reference_logps", "train_epoch")
+TIMED = ("load_model", "held_out_data", "select_features", "sample_responses", "reference_logps", "train_epoch")
 TIMED += ("held_out_check", "generate_batched")
 HELD_OUT_KEYS = ("iter", "kept", "heldout_n", "heldout_margin", "heldout_low", "heldout_high", "heldout_acc")
 HELD_OUT_KEYS += ("heldout_len_plain", "heldout_ended", "heldout_looping", "heldout_restates")
+HELD_OUT_KEYS += ("onpolicy", "acc_ends_shorter", "acc_pi0_reads")  # sso_generator.py: its policy's data
 
 
 def record_calls(names=TIMED) -> list[tuple[str, float, float]]:
@@ -74,7 +77,7 @@ def phases(calls, wall: float) -> dict[str, float]:
         "load": seconds_in(calls, "load_model"),
         "initial held-out check": seconds_in(calls, "held_out_data"),
         "feature selection": features,
-        "sampling": seconds_in(calls, "sample_triples", outside="held_out_data") - features,
+        "sampling": seconds_in(calls, "sample_responses", outside="held_out_data"),
         "reference": seconds_in(calls, "reference_logps"),
         "training": seconds_in(calls, "train_epoch"),
         "held-out checks (margin)": seconds_in(calls, "held_out_check", outside="held_out_data") - answers,
@@ -95,13 +98,17 @@ def commit() -> str | None:
         return None
 
 
-def default_run(flags: list[str], keep: str | None, setting: str, results: str | None) -> None:
-    """`python sso.py --iters 3 FLAGS` in this process from an empty $SSO_CACHE: phases, wall time, peak RSS."""
+def default_run(flags: list[str], keep: str | None, setting: str, results: str | None, generator=False) -> None:
+    """`python sso.py --iters 3 FLAGS` (or `python sso_generator.py FLAGS`) in this process from an empty $SSO_CACHE:
+    phases, wall time, peak RSS."""
     os.environ |= {"SSO_CACHE": tempfile.mkdtemp(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = Path(keep) if keep else Path(tempfile.mkdtemp()) / "run"
     started_at = commit()  # the code the run starts with
     calls = record_calls()
-    sso.main(["--iters", "3", *flags, "--output-dir", str(out)])
+    if generator:
+        sso_generator.main(["--device", "cpu", *flags, "--output-dir", str(out)])  # the CPU, even where CUDA is
+    else:
+        sso.main(["--iters", "3", "--device", "cpu", *flags, "--output-dir", str(out)])
     wall, rss = time.time() - STARTED, peak_rss_mb()
     split = phases(calls, wall)
     print(f"\nwall time {wall / 60:.1f} min | peak RSS {rss:.0f} MB\n\n| phase | seconds | share of the run |")
@@ -115,13 +122,25 @@ def default_run(flags: list[str], keep: str | None, setting: str, results: str |
     if results:
         config = json.loads((out / "config.json").read_text())
         row = {"setting": setting, "seed": config["seed"], "flags": flags, "commit": started_at, "config": config}
+        row |= {"script": "sso_generator.py"} if generator else {}
         row |= {"wall_min": wall / 60, "peak_rss_mb": rss, "phases": split, "iterations": list(rows.values())}
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
 def one_iteration(extra: list[str]) -> None:
-    workload = ["--prompts-per-iter", "16", "--max-new-tokens", "128", "--batch-size", "2", "--eval-prompts", "16"]
+    workload = [
+        "--device",
+        "cpu",
+        "--prompts-per-iter",
+        "16",
+        "--max-new-tokens",
+        "128",
+        "--batch-size",
+        "2",
+        "--eval-prompts",
+        "16",
+    ]
     args = sso.parse_args([*workload, *extra, "--output-dir", "/tmp/sso-bench"])
     principles = sso.load_principles(args.principles)
     prompts = sso.load_prompts(args.prompts)
@@ -142,7 +161,7 @@ def one_iteration(extra: list[str]) -> None:
     trained = sum(len(ctx) * 2 + len(a) + len(b) + 2 for t in triples for ctx, a, b in
                   ((t.contexts[c], t.ids[y], t.ids[n]) for c, y, n in sso.PAIRS.values()))  # fmt: skip
     rows = [("model load", load_s, None), ("feature selection", features, None),
-            ("sampling y+ y- y0", seconds_in(calls, "sample_triples") - features, None),
+            ("sampling y+ y- y0", seconds_in(calls, "sample_responses"), None),
             ("reference log-probs", seconds_in(calls, "reference_logps"), trained),
             ("training", seconds_in(calls, "train_epoch"), trained)]  # fmt: skip
     iteration = sum(s for _, s, _ in rows)
@@ -172,10 +191,11 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="with --default-run: the folder to keep that run in")
     parser.add_argument("--results", default=None, help="with --default-run: append the run's numbers to this file")
     parser.add_argument("--setting", default="default", help="with --results: the name the row is filed under")
+    parser.add_argument("--generator", action="store_true", help="with --default-run: sso_generator.py, not sso.py")
     cli, extra = parser.parse_known_args()
     print(f"torch {torch.__version__} | {torch.get_num_threads()} threads | {os.cpu_count()} CPUs")
     if cli.default_run:
-        default_run(extra, cli.keep, cli.setting, cli.results)
+        default_run(extra, cli.keep, cli.setting, cli.results, cli.generator)
     else:
         one_iteration(extra)
 

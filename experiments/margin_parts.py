@@ -31,8 +31,8 @@ def margin_parts(run: Path, iteration: int | None = None) -> list[dict]:
     args, held = finished_run(str(run))
     policy, tokenizer = sso.load_model(str(run / f"iter_{iteration or args.iters}"), args)
     with torch.no_grad():
-        logps = sso.pair_logps(policy, held["triples"], tokenizer.pad_token_id, ["base"])
-    delta = logps["base_chosen_mean"] - logps["base_rejected_mean"] - torch.tensor(held["initial_logratio"])  # (N,)
+        logps = sso.pair_logps(policy, held["triples"], tokenizer.pad_token_id, {"base": sso.PAIRS["base"]})
+    delta = sso.margin_against_initial(logps, held)  # (N,) Δ against π_0
     eot = sso.stop_token_ids(policy, tokenizer)[0]
     ended = []  # (y+, y-) of each held-out prompt: "ended" or "cut"
     for t in held["triples"]:

@@ -4,10 +4,11 @@ page made from that file.
     python experiments/sweep.py --only default --seeds 0 1 2    # the default command on three seeds
     python experiments/sweep.py --only steer --seeds 0 1 2      # the run a class sees steer (README.md)
     python experiments/sweep.py --only no-w no-g pbaa           # the paper's W/G ablations (Table 12), seed 0
+    python experiments/sweep.py --only v2-steer v2-steer-pbaa --seeds 0 1 2   # sso_generator.py (the paper's v2)
     python experiments/sweep.py --report-only                   # the tables of both READMEs, and the figures
 
 Each run is `python benchmarks/bench_sso.py --default-run` with the setting's flags and the seed: `python sso.py
---iters 3` plus those flags, from an empty $SSO_CACHE, with its phases timed. It runs in a process of its own, so its
+--iters 3` plus those flags (a setting whose flags begin with sso_generator.py: `python sso_generator.py` plus the rest), from an empty $SSO_CACHE, with its phases timed. It runs in a process of its own, so its
 wall time and peak memory are its own, and appends one line to experiments/results.jsonl: the setting, seed, resolved
 config, the held-out check after every iteration (margin against π_0 with its 95% interval, accuracy, and the plain
 answers' length and shares that end, loop and restate the prompt), wall time, peak memory and the time of each phase.
@@ -33,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import contrast  # noqa: E402
 
 import sso  # noqa: E402
+import sso_generator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.jsonl"
-FULL = ["--lora-rank", "0", "--lr", "5e-5"]  # the paper's full fine-tuning, at the learning rate that suits it
+FULL = ["--lora-rank", "0", "--lr", "5e-5"]
+V2 = "sso_generator.py"  # a setting's first flag: a run of sso_generator.py, not sso.py  # the paper's full fine-tuning, at the learning rate that suits it
 SETTINGS = {  # name: flags added to sso.py's defaults
     "default": [],
     "steer": ["--principles", "data/smollm2_principles.json"],  # the paper's Concision alone: a class sees it steer
@@ -57,6 +60,15 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "no-w": [*FULL, "--no-w"],  # paper Table 12 ablations, with full fine-tuning as in the paper
     "no-g": [*FULL, "--no-g"],
     "pbaa": [*FULL, "--no-w", "--no-g"],
+    # the paper's published version (sso_generator.py): SSO's generator and PBAA, with each principles file
+    "v2-steer": [V2, "--principles", "data/smollm2_principles.json"],
+    "v2-steer-pbaa": [V2, "--principles", "data/smollm2_principles.json", "--variant", "pbaa"],
+    "v2-steer-pos": [V2, "--principles", "data/smollm2_principles.json", "--variant", "pos"],  # L+ alone
+    "v2-steer-neg": [V2, "--principles", "data/smollm2_principles.json", "--variant", "neg"],  # L- alone
+    "v2-steer-formula3": [V2, "--principles", "data/smollm2_principles.json", "--variant", "formula3"],
+    "v2-steer-ipo": [V2, "--principles", "data/smollm2_principles.json", "--loss", "ipo"],  # L_Base: IPO (Table 6)
+    "v2": [V2],
+    "v2-pbaa": [V2, "--variant", "pbaa"],
 }
 PAGE = {  # experiments/README.md: table name -> the settings whose runs it shows
     "default": ["default"],
@@ -66,6 +78,9 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
     "ablations": ["full", "no-w", "no-g", "pbaa"],
     "settings": ["full", "full-lr1e-4", "full-lr2e-5", "prompts16", "prompts24", "prompts32", "tokens128", "tokens256"]
     + ["lora16-lr1e-3"],  # LoRA at lr 3e-4 is the default command (its own table)
+    "v2-steer": ["steer", "v2-steer-pbaa", "v2-steer"],  # v1 beside v2, Concision alone
+    "v2": ["default", "v2-pbaa", "v2"],  # v1 beside v2, principles.json
+    "v2-ablations": ["v2-steer-pbaa", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],
 }
 FIGURES = {  # experiments/README.md: figure -> its panels, each (title, settings, seeds); at most 6 runs a panel
     "default.png": [("the default command", ["default"], [0, 1, 2]), ("full fine-tuning", ["full"], [0, 1, 2])],
@@ -80,7 +95,11 @@ FIGURES = {  # experiments/README.md: figure -> its panels, each (title, setting
         ("LoRA rank 16", ["lora16-lr3e-4", "lora16-lr1e-3"], [0, 1, 2]),
     ],
 }
-DEFAULTS = vars(sso.parse_args([]))  # sso.py's settings of today, against which a filed run's command is spelled
+CPU_ROUTE = {"device": ("auto", "cpu"), "dtype": ("auto", "float32")}  # what every run here used
+DEFAULTS = {  # each script's settings of today, against which a filed run's command is spelled
+    "sso.py": vars(sso.parse_args([])),
+    V2: vars(sso.parse_args([], sso_generator.FLAGS)),
+}
 CURVES = [  # the rows of every figure: (held-out key, axis label)
     ("heldout_margin", "base-pair margin against π_0"),
     ("heldout_len_plain", "length of plain answers y0 (tokens)"),
@@ -103,16 +122,18 @@ def spelled(value: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def command_flags(config: dict, seed: bool = True) -> list[str]:
-    """The flags in which a run's config differs from sso.py's defaults of today: the run's command now."""
+def command_flags(config: dict, seed: bool = True, script: str = "sso.py") -> list[str]:
+    """The flags in which a run's config differs from its script's defaults of today: the run's command now."""
     flags = []
     for key, value in config.items():
-        default = DEFAULTS.get(key, value)  # a flag sso.py no longer has (micro_batch_size) says nothing today
+        default = DEFAULTS[script].get(key, value)  # a flag sso.py no longer has (micro_batch_size) says nothing
         if key in ("prompts", "principles"):
             value, default = short_path(value), short_path(default)
         if key == "model" and str(value).endswith(sso.GGUF_FILE):  # the default model, wherever it was installed
             value = default
         if value == default or key in ("output_dir", "resume", "iters") or (key == "seed" and not seed):
+            continue
+        if value in CPU_ROUTE.get(key, ()):  # the CPU in fp32, as "auto" there or resolved (sso.resolve_precision)
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -123,12 +144,24 @@ def command_flags(config: dict, seed: bool = True) -> list[str]:
 
 
 def setting_flags(flags: list[str]) -> list[str]:
-    """The command flags of a run that sso.py FLAGS will make, spelled as command_flags spells a finished run's."""
-    return command_flags(vars(sso.parse_args(flags)))
+    """The script and command flags of a run that FLAGS will make, spelled as run_flags spells a finished run's."""
+    if flags[:1] == [V2]:
+        try:
+            return [V2, *command_flags(vars(sso.parse_args(flags[1:], sso_generator.FLAGS)), script=V2)]
+        except sso.SSOError:  # an sso.py flag added to every setting (--prompts-per-iter): no v2 run has it
+            return None
+    return ["sso.py", *command_flags(vars(sso.parse_args(flags)))]
+
+
+def run_flags(row: dict, seed: bool = True) -> list[str]:
+    """The script of a filed run and the flags of its command today."""
+    script = row.get("script", "sso.py")
+    return [script, *command_flags(row["config"], seed, script)]
 
 
 def command(row: dict) -> str:
-    return " ".join(["python sso.py --iters 3", *command_flags(row["config"])])
+    script, *flags = run_flags(row)
+    return " ".join([f"python {script}" + (" --iters 3" if script == "sso.py" else ""), *flags])
 
 
 def runs_of(rows: list[dict], settings: list[str], seeds: list[int] | None = None, extra=()) -> list[dict]:
@@ -136,15 +169,15 @@ def runs_of(rows: list[dict], settings: list[str], seeds: list[int] | None = Non
     wanted = [setting_flags([*SETTINGS[name], *extra]) for name in settings]
     latest = {}  # (command, seed) -> the run filed last: a rerun (--rerun) replaces an earlier one on the page
     for row in rows:
-        flags = command_flags(row["config"], seed=False)
+        flags = run_flags(row, seed=False)
         if flags in wanted and (seeds is None or row["seed"] in seeds):
             latest[wanted.index(flags), row["seed"]] = row
     return [latest[key] for key in sorted(latest)]
 
 
 def label(row: dict) -> str:
-    flags = " ".join(command_flags(row["config"], seed=False)) or "the default command"
-    return f"{flags}, seed {row['seed']}"
+    script, *flags = run_flags(row, seed=False)
+    return f"{script} {' '.join(flags)}".strip() + f", seed {row['seed']}"
 
 
 def table(rows: list[dict]) -> str:
@@ -166,6 +199,53 @@ def table(rows: list[dict]) -> str:
         cells += [f"{row['wall_min']:.1f} min", f"{row['peak_rss_mb'] / 1024:.1f} GB"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def quality_table(rows: list[dict]) -> str:
+    """sso_generator.py's runs: the policy's training data (v2 Figure 3) beside the held-out outcome."""
+    lines = [
+        "| command | data on-policy | accurate: ends and shorter | accurate: π_0's reading | held-out margin | "
+        "length y0 | ended y0 | looping y0 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        first, last = row["iterations"][0], row["iterations"][-1]
+        cells = [f"`{command(row)}`", f"{last['onpolicy']:.3f}", f"{last['acc_ends_shorter']:.2f}"]
+        cells += [f"{last['acc_pi0_reads']:.2f}", f"{last['heldout_margin']:+.4f}"]
+        cells.append(f"{first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f}")
+        cells += [f"{first[key]:.2f} → {last[key]:.2f}" for key in ("heldout_ended", "heldout_looping")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_quality(rows: list[dict], path: Path) -> None:
+    """v2 Figure 3 at class scale: each run's policy data, accuracy against on-policy-ness, a panel per judge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("Concision alone: the chosen ends and is shorter", "acc_ends_shorter", "data/smollm2_principles.json"),
+        ("principles.json: π_0's reading of p+ / p-", "acc_pi0_reads", "principles.json"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, 4.2), squeeze=False)
+    for axis, (title, key, principles) in zip(axes[0], panels):
+        chosen = [row for row in rows if short_path(row["config"]["principles"]) == principles]
+        variants = sorted({row["config"]["variant"] for row in chosen})
+        for number, variant in enumerate(variants):
+            points = [
+                (r["iterations"][-1]["onpolicy"], r["iterations"][-1][key])
+                for r in chosen
+                if r["config"]["variant"] == variant
+            ]
+            axis.scatter(*zip(*points), color=f"C{number}", label=f"{variant} ({len(points)} seeds)")
+        axis.set(title=title, xlabel="on-policy: mean exp(mean token log π_0(y|x))", ylabel="accuracy of the pairs")
+        if variants:
+            axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def contrast_tables(path: Path) -> dict[str, str]:
@@ -223,11 +303,14 @@ def plot(rows: list[dict], path: Path, panels: list[tuple], extra=()) -> None:
 def report(rows: list[dict], pages: list[Path], contrasts: Path, figures: Path, extra=()) -> None:
     tables = {name: table(runs_of(rows, settings, extra=extra)) for name, settings in PAGE.items()}
     known = [setting_flags([*flags, *extra]) for flags in SETTINGS.values()]
-    tables["variants"] = table([row for row in rows if command_flags(row["config"], seed=False) not in known])
+    tables["variants"] = table([row for row in rows if run_flags(row, seed=False) not in known])
+    v2_rows = runs_of(rows, [name for name, flags in SETTINGS.items() if flags[:1] == [V2]], extra=extra)
+    tables["v2-quality"] = quality_table(v2_rows)
     for page in pages:
         write_page(page, tables | contrast_tables(contrasts))
     for name, panels in FIGURES.items():
         plot(rows, figures / name, panels, extra)
+    plot_quality(v2_rows, figures / "v2_quality.png")
     print(f"wrote the tables of {', '.join(map(str, pages))} and the figures in {figures}")
 
 
@@ -251,13 +334,15 @@ def main(argv: list[str] | None = None) -> None:
     for name in [] if cli.report_only else cli.only:
         for seed in cli.seeds:
             flags = [*SETTINGS[name], *extra, "--seed", str(seed)]
-            if not cli.rerun and any(command_flags(row["config"]) == setting_flags(flags) for row in load(results)):
+            if not cli.rerun and any(run_flags(row) == setting_flags(flags) for row in load(results)):
                 continue  # filed already
             out = Path(cli.root) / f"{name}_s{seed}"
             shutil.rmtree(out, ignore_errors=True)  # a run stopped midway starts again: its time is measured whole
             print(f"##### {out.name}: {' '.join(flags)}", flush=True)
             bench = [sys.executable, str(HERE.parent / "benchmarks" / "bench_sso.py"), "--default-run"]
             bench += ["--keep", str(out), "--results", str(results), "--setting", name]
+            if flags[:1] == [V2]:
+                bench, flags = [*bench, "--generator"], flags[1:]
             subprocess.run([*bench, *flags], check=True)
     if cli.report_only:
         pages = [Path(page) for page in cli.pages]

@@ -1,0 +1,288 @@
+"""Self-Steering Optimization as a data generator: the paper's published version. Xiang et al., "Self-Steering
+Optimization: Autonomous Preference Optimization for Large Language Models", Findings of ACL 2025, pp. 9073–9085
+(arXiv 2410.17131v2, https://arxiv.org/abs/2410.17131v2). sso.py is the paper's first version (v1); this file imports
+its building blocks (principles, prompts, sampling, filters, log-probs, the preference loss, the held-out check,
+saving), so a reader who knows sso.py recognises every call.
+
+v2 keeps v1's contrastive principles and three responses, but instead of steering the policy while it trains, it
+trains a data generator from the policy, and the policy then learns from the generator's data (Section 4, Figure 2):
+1. Principles: for each query x a good principle p+ and a bad one p-, as system messages: x+ = (p+, x), x- = (p-, x).
+2. Sampling: the policy π_θ samples y+ ~ π(·|x+), y- ~ π(·|x-) and yo ~ π(·|x).
+3. The generator, a copy of the policy, is trained against the frozen policy with L_SSO = L+ + L-, where
+   L+ = L_Base(x+; y+ ≻ y-) + γ·L_sft(x+, y+) and L- = L_Base(x-; yo ≻ y+) + γ·L_sft(x-, yo): under p+ it must
+   prefer y+, under p- it must stay with the on-policy yo rather than drift to y+. No W and no base pair (v1's).
+4. The generator samples y+ under x+ and y- under x- for the policy's queries (more than its own), and the policy,
+   not the generator, is trained on (x; y+ ≻ y-) with L_Base alone, against its own frozen copy.
+Then sso.py's held-out check of the policy against π_0, so that v1 and v2 runs compare line by line. The variants
+(Tables 3 and 4): PBAA skips step 3 (the policy's own samples under x+ and x- train it); L+ alone; L- alone; and the
+"Formula 3" L- the paper rejects, L_Base(x-; y- ≻ y+) + γ·L_sft(x-, y-).
+
+Notation, paper → code:  x, x+, x- → contexts["x"|"pos"|"neg"] of an sso.Triple;  y+, y-, yo → ids / texts
+    ["chosen"|"rejected"|"plain"];  π_θ → policy;  the data generator → generator;  L_Base → sso.preference_loss
+    (--loss: DPO on sums, IPO on means);  L_sft → -sft_pos, -sft_neg;  β, γ → beta, gamma;  L+, L- → GENERATOR_PAIRS
+Run: `python sso_generator.py --principles data/smollm2_principles.json`.  Test: `python -m pytest -q test_sso.py`
+
+Choices the paper leaves open (each marked NOTE(impl) n where it happens):
+ 1. L_sft is the mean negative log-likelihood of the response tokens alone (the released trainer averages over every
+    position of the padded sequence, prompt and padding included).
+ 2. The generator is a copy of the policy trained with sso.py's route (LoRA rank 16 at lr 3e-4, merged; or full
+    fine-tuning with --lora-rank 0), one epoch; the policy is trained the same way on the generator's data.
+ 3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2: 8k and 60k).
+ 4. The generator's samples are filtered as sso.py filters its own (empty, identical or looping responses).
+ 5. With --principle-model, a few-shot prompt asks that model for a good and a bad guideline per query; where its
+    answer has no usable pair, the principles file's p+ / p- are used, and counted.
+ 6. The data's quality (Figure 3) at the end: on-policy-ness, the mean of exp(mean token log π_0(y|x)) over chosen
+    and rejected, and accuracy by two judges (ACCURACY below): a length judge and π_0's own reading of p+ / p-.
+"""
+
+import copy
+import random
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import sso
+
+GENERATOR_PAIRS = {  # v2 Section 4: the pairs of L+ and L- as (context, chosen, rejected); sft on the chosen
+    "pos": sso.PAIRS["pos"],  # L+: x+: y+ ≻ y-
+    "neg": sso.PAIRS["neg"],  # L-: x-: yo ≻ y+
+}
+FORMULA_3 = ("neg", "rejected", "chosen")  # the L- the paper rejects (Formula 3, Table 4): x-: y- ≻ y+
+POLICY_PAIRS = {"base": sso.PAIRS["base"]}  # step 4: the policy learns x: y+ ≻ y- from the generator's data
+JUDGE_PAIRS = {"judge_pos": ("pos", "chosen", "rejected"), "judge_neg": ("neg", "chosen", "rejected")}  # π_0's reading
+VARIANTS = ("sso", "pbaa", "pos", "neg", "formula3")  # L+ + L-, no generator, L+ alone, L- alone, L+ + Formula 3
+PRINCIPLE_PROMPT = """Write two guidelines for answering the query below: one that a good answer follows, and one \
+that a bad answer follows. Reply with exactly two lines, "Good: ..." and "Bad: ...".
+
+Query: How do I boil an egg?
+Good: Give the steps in order with the times, and say how to tell when the egg is done.
+Bad: Skip the times, mix up the steps and wander off into the history of eggs.
+
+Query: Is it safe to look at a solar eclipse?
+Good: Warn clearly that looking without eclipse glasses can damage the eyes, and say what is safe to use.
+Bad: Say it is fine to look with sunglasses and leave out any warning.
+
+Query: {query}
+"""
+
+CHANGED = {  # sso.py's flags whose default or meaning v2 changes
+    "--loss": (("dpo", "ipo"), "L_Base (v2's main experiments: DPO; Table 6: IPO)"),
+    "--output-dir": ("runs/sso_generator", "generator/ and policy/ checkpoints, their pairs, metrics.jsonl"),
+    "--gamma": (0.1, "γ: weight of L_sft in L+ and L-"),
+    "--resume": (False, "continue the run in --output-dir from its last finished step"),
+}
+V1_ONLY = ("--iters", "--prompts-per-iter", "--alpha", "--no-w", "--no-g")
+FLAGS = [(flag, *CHANGED.get(flag, (default, text))) for flag, default, text in sso.FLAGS if flag not in V1_ONLY]
+FLAGS += [
+    (
+        "--variant",
+        VARIANTS,
+        "sso: L+ + L- | pbaa: no generator | pos: L+ alone | neg: L- alone | formula3: L+ + Formula 3",
+    ),
+    ("--generator-prompts", 24, "queries the generator learns from (step 3)"),
+    ("--policy-prompts", 48, "other queries the generator writes the policy's pairs for (step 4)"),
+    ("--principle-model", None, "a model that writes p+ / p- per query (hub id, folder, .gguf); default: the file's"),
+]
+
+
+# --- L_SSO = L+ + L-: a pure function of log-prob tensors (v2 Section 4.2) --------------------------------------------
+def generator_loss(policy: dict, reference: dict, *, beta=0.1, gamma=0.1, loss_type="dpo", use_pos=True, use_neg=True):
+    """L_SSO = L+ + L- with L± = L_Base(x±; chosen ≻ rejected) + γ·L_sft(x±, chosen) (v2 Eq. 1–2); use_pos / use_neg:
+    the Table 3 ablations. Shape: every value of policy and reference (B,). Returns (the batch-mean loss, metrics)."""
+    assert use_pos or use_neg, "L_SSO needs L+, L- or both"
+    losses, margins, sft = {}, {}, {}
+    for pair in ("pos", "neg"):
+        losses[pair], margins[pair] = sso.preference_loss(
+            policy_chosen_logps=policy[f"{pair}_chosen"],
+            policy_rejected_logps=policy[f"{pair}_rejected"],
+            ref_chosen_logps=reference[f"{pair}_chosen"],
+            ref_rejected_logps=reference[f"{pair}_rejected"],
+            beta=beta,
+            loss_type=loss_type,
+        )
+        sft[pair] = -policy[f"sft_{pair}"]  # L_sft, NOTE(impl) 1: mean token NLL of the chosen under its context
+    used = [pair for pair, on in (("pos", use_pos), ("neg", use_neg)) if on]
+    loss = sum(losses[pair] + gamma * sft[pair] for pair in used).mean()
+    metrics = {"loss": loss.item(), "loss_sft": sum(sft[pair] for pair in used).mean().item()}
+    for pair in ("pos", "neg"):  # the pair left out of an ablation is still measured
+        metrics[f"loss_{pair}"] = losses[pair].mean().item()
+        metrics[f"acc_{pair}"] = (margins[pair] > 0).float().mean().item()  # share with Δ > 0
+        metrics[f"margin_{pair}"] = margins[pair].mean().item()
+    return loss, metrics
+
+
+def generator_objective(policy_logps: dict, ref_logps: dict, args) -> tuple[torch.Tensor, dict]:
+    """L_SSO on one batch of sso.pair_logps values, with the --variant's terms."""
+    sft = {"sft_pos": policy_logps["pos_chosen_mean"], "sft_neg": policy_logps["neg_chosen_mean"]}  # means: L_sft
+    policy_in = sso.loss_inputs(policy_logps, args.loss, GENERATOR_PAIRS) | sft
+    use = {"use_pos": args.variant != "neg", "use_neg": args.variant != "pos"}
+    settings = {"beta": args.beta, "gamma": args.gamma, "loss_type": args.loss} | use
+    return generator_loss(policy_in, sso.loss_inputs(ref_logps, args.loss, GENERATOR_PAIRS), **settings)
+
+
+def policy_objective(policy_logps: dict, ref_logps: dict, args) -> tuple[torch.Tensor, dict]:
+    """L_Base(x; y+ ≻ y-) alone (v2 Section 4.3): the policy learns from the generator's pairs as from any DPO data."""
+    policy_in = sso.loss_inputs(policy_logps, args.loss, POLICY_PAIRS)
+    ref_in = sso.loss_inputs(ref_logps, args.loss, POLICY_PAIRS)
+    losses, margin = sso.preference_loss(
+        policy_chosen_logps=policy_in["base_chosen"],
+        policy_rejected_logps=policy_in["base_rejected"],
+        ref_chosen_logps=ref_in["base_chosen"],
+        ref_rejected_logps=ref_in["base_rejected"],
+        beta=args.beta,
+        loss_type=args.loss,
+    )
+    loss = losses.mean()
+    return loss, {
+        "loss": loss.item(),
+        "acc_base": (margin > 0).float().mean().item(),
+        "margin_base": margin.mean().item(),
+    }
+
+
+# --- Step 1: principles, from the file or written per query by a principle model --------------------------------------
+def written_principles(principle_model, tokenizer, triples: list, stage: int, log) -> list:
+    """p+ / p- written per query by a principle model (NOTE(impl) 5), as system messages; the file's where none.
+    principle_model: (model, its tokenizer); tokenizer: the policy's, which builds the contexts."""
+    model, own_tokenizer = principle_model
+    prompts = [sso.chat_prompt_ids(own_tokenizer, PRINCIPLE_PROMPT.format(query=t.query)) for t in triples]
+    stop_ids = sso.stop_token_ids(model, own_tokenizer)
+    answers = sso.generate_batched(model, own_tokenizer, prompts, stop_ids, 96, sample=False, desc="principles")
+    written, fallback = [], 0
+    for t, answer in zip(triples, own_tokenizer.batch_decode(answers, skip_special_tokens=True)):
+        good, bad = (re.search(rf"^\W*{side}\W*:[\s*_]*(\S.*)$", answer, re.M | re.I) for side in ("good", "bad"))
+        if good and bad:
+            t = sso.new_triple(tokenizer, t.query, t.features, {"pos": good[1].strip(), "neg": bad[1].strip()})
+        else:
+            fallback += 1
+        written.append(t)
+    line = f"principles: written for {len(triples) - fallback} of {len(triples)} queries, the file's for {fallback}"
+    log({"type": "principles", "iter": stage, "written": len(triples) - fallback, "fallback": fallback}, line)
+    return written
+
+
+def principled_triples(policy, tokenizer, queries, principles, args, stage: int, principle_model, log) -> list:
+    """x with its p+ / p- (step 1), before any response: the file's (sso.py's), or the principle model's."""
+    rng = random.Random(args.seed * 1000 + stage)  # per stage, so --resume reproduces an uninterrupted run
+    stop_ids = sso.stop_token_ids(policy, tokenizer)
+    picks = sso.select_features(policy, tokenizer, queries, principles, args, rng, stop_ids)
+    systems = [sso.principle_system_prompts(features, principles) for features in picks]
+    triples = [sso.new_triple(tokenizer, q, f, s) for q, f, s in zip(queries, picks, systems)]
+    if principle_model:
+        return written_principles(principle_model, tokenizer, triples, stage, log)
+    return triples
+
+
+# --- Step 3's and step 4's data, and how good it is (Figure 3) --------------------------------------------------------
+def sampled(model, tokenizer, triples, args, responses, who: str, stage: int, log) -> list:
+    """The responses named, sampled by `model` for every triple (steps 2 and 4), then filtered as sso.py does."""
+    torch.manual_seed(args.seed * 1000 + stage)
+    sso.sample_responses(
+        model, tokenizer, triples, sso.stop_token_ids(model, tokenizer), args.max_new_tokens, responses
+    )
+    kept, counts = sso.filter_triples(triples, args.loop_filter)  # NOTE(impl) 4
+    dropped = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("dropped_"))
+    line = f"{who}: kept {len(kept)} of {len(triples)} | dropped: {dropped}"
+    log({"type": "data", "iter": stage, "who": who, **counts}, line)
+    if not kept:
+        sso.fail(f"{who}: every sampled triple was filtered out; try more --generator-prompts / --policy-prompts")
+    return kept
+
+
+def data_quality(triples, ref: dict, stop_id: int) -> dict[str, float]:
+    """v2 Figure 3 for the policy's pairs: how on-policy (exp of the mean token log π_0(y|x), averaged over chosen
+    and rejected) and how accurate, by two judges: `ends_shorter`, the chosen ends and is shorter than the rejected
+    (what data/smollm2_principles.json's Concision asks for, checkable by eye; it favours short answers whatever the
+    principles); `pi0_reads`, π_0's own reading of the principles, log π_0(y|x+) − log π_0(y|x-) higher for the
+    chosen (it favours what the model already associates with p+, right or wrong)."""
+    likely = torch.cat([ref["base_chosen_mean"], ref["base_rejected_mean"]]).exp().mean().item()
+    ends_shorter = [t.ids["chosen"][-1] == stop_id and len(t.ids["chosen"]) < len(t.ids["rejected"]) for t in triples]
+    lean = ref["judge_pos_chosen_mean"] - ref["judge_neg_chosen_mean"]  # (N,) how much more p+-like y+ is under π_0
+    lean_rejected = ref["judge_pos_rejected_mean"] - ref["judge_neg_rejected_mean"]
+    reads = (lean > lean_rejected).float().mean().item()
+    return {"onpolicy": likely, "acc_ends_shorter": sum(ends_shorter) / len(triples), "acc_pi0_reads": reads}
+
+
+# --- The pipeline: steps 1-4, then the held-out check -----------------------------------------------------------------
+def stages(args) -> list[str]:
+    return ["policy"] if args.variant == "pbaa" else ["generator", "policy"]
+
+
+def run(args) -> Path:
+    args, done, principles, held_out, prompts, log = sso.start_run(args, FLAGS, stages)
+    out, steps = Path(args.output_dir), stages(args)
+    if done == len(steps):
+        print(f"{out} holds a finished run")
+        return out
+    if args.generator_prompts + args.policy_prompts > len(prompts):
+        sso.fail(f"--generator-prompts + --policy-prompts > the {len(prompts)} prompts left after the held-out ones")
+    generator_queries = prompts[: args.generator_prompts]
+    policy_queries = prompts[args.generator_prompts :][: args.policy_prompts]  # other queries, more of them
+    policy, tokenizer = sso.load_model(args.model, args)  # π_0, on --resume too
+    pad_id = tokenizer.pad_token_id
+    principle_model = None  # (model, tokenizer) that writes p+ / p-, if any
+    if args.principle_model:
+        principle_model = sso.load_model(args.principle_model, args)
+    held = sso.held_out_data(out, policy, tokenizer, held_out, principles, args, log, done) if held_out else None
+    generator = policy  # PBAA: the policy's own samples under x+ and x- are its data
+    # 1.-3. principles; y+, y-, yo from the policy; the generator, a copy of it, trained against it with L_SSO
+    if "generator" in steps and done:  # --resume after the generator was saved
+        generator, _ = sso.load_model(str(out / "generator"), args)
+    elif "generator" in steps:
+        triples = principled_triples(policy, tokenizer, generator_queries, principles, args, 1, principle_model, log)
+        triples = sampled(policy, tokenizer, triples, args, ("chosen", "rejected", "plain"), "policy's samples", 1, log)
+        pairs = GENERATOR_PAIRS | ({"neg": FORMULA_3} if args.variant == "formula3" else {})
+        ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, pairs)  # the frozen policy
+        generator = copy.deepcopy(policy)  # NOTE(impl) 2: initialised from the policy
+        generator_log = tag(log, "generator")
+        generator, history = sso.train_model(
+            generator, triples, ref, pad_id, args, 1, generator_log, generator_objective, pairs
+        )
+        record = {k: sum(h[k] for h in history) / len(history) for k in history[0]} | {"type": "generator"}
+        sso.save_iteration(out / "generator", generator, tokenizer, triples, record, [], pairs)
+    # 4. the generator's y+ under x+ and y- under x- for the policy's queries; the policy learns them with L_Base
+    stage = len(steps)
+    triples = principled_triples(policy, tokenizer, policy_queries, principles, args, stage, principle_model, log)
+    who = "generator's data" if generator is not policy else "policy's own data (PBAA)"
+    triples = sampled(generator, tokenizer, triples, args, ("chosen", "rejected"), who, stage, log)
+    del generator
+    ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, POLICY_PAIRS | JUDGE_PAIRS)  # π_0
+    quality = data_quality(triples, ref, sso.stop_token_ids(policy, tokenizer)[0])
+    line = f"{who} | on-policy {quality['onpolicy']:.4f} | accurate: ends and shorter "
+    log(
+        {"type": "data_quality", "iter": stage} | quality,
+        line + f"{quality['acc_ends_shorter']:.2f}, π_0's reading {quality['acc_pi0_reads']:.2f}",
+    )
+    policy, history = sso.train_model(
+        policy, triples, ref, pad_id, args, stage, tag(log, "policy"), policy_objective, POLICY_PAIRS
+    )
+    record = {k: sum(h[k] for h in history) / len(history) for k in history[0]} | quality | {"type": "policy"}
+    check, answers = sso.held_out_check(policy, tokenizer, held, args, stage, log) if held else ({}, [])
+    sso.save_iteration(out / "policy", policy, tokenizer, triples, record | check, answers, POLICY_PAIRS)
+    return out
+
+
+def tag(log, stage: str):
+    """The log of one training stage: its records say which model they are of, and its lines begin with it."""
+    return lambda record, line: log(record | {"stage": stage}, f"{stage} | {line}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    sso.hf_logging.disable_progress_bar()  # transformers' own load / save bars; tqdm shows the run's phases
+    try:
+        args = sso.parse_args(argv, FLAGS)
+        args.iters = len(stages(args))  # the generator, then the policy: "iter 1/2", "iter 2/2" in the step lines
+        run(args)
+    except sso.SSOError as err:
+        tqdm.write(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        tqdm.write(f"error: {err}; finished steps are kept, continue with --resume", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
