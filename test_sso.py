@@ -90,13 +90,6 @@ def principles():
     return sso.load_principles(str(HERE / "principles.json"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def sso_cache(tmp_path_factory):
-    """Dequantized GGUF copies go to a temporary folder, never the user's ~/.cache."""
-    os.environ["SSO_CACHE"] = str(tmp_path_factory.mktemp("sso-cache"))
-    yield Path(os.environ["SSO_CACHE"])
-
-
 @pytest.fixture(autouse=True)
 def no_global_state_left_behind():
     """Each test, alone or in any order, starts as the others do: what main() or a test changes in the environment,
@@ -121,9 +114,12 @@ def no_global_state_left_behind():
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(sso_cache):
-    sso.load_model(GGUF, args_for("--no-gradient-checkpointing"))  # dequantizes it into $SSO_CACHE
-    (folder,) = sso_cache.glob("SmolLM2*")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the GGUF, dequantized once and saved as a plain model folder for the tests."""
+    folder = tmp_path_factory.mktemp("smollm2")
+    model, tokenizer = sso.load_model(GGUF, args_for("--no-gradient-checkpointing"))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return str(folder)
 
 
@@ -635,7 +631,7 @@ def test_generate_moves_a_progress_bar_token_by_token(tokenizer, monkeypatch):
     model = make_model(tokenizer)
     model.generation_config.eos_token_id = None
     sso.generate_batched(model, tokenizer, [[256, 5], [256, 6, 7]], [-1], 7, desc="sampling")
-    assert ticks == [("sampling", 1)] * 7
+    assert [tick for tick in ticks if tick[1]] == [("sampling", 1)] * 7  # one step a token, none for the prompts
 
 
 def test_looping_flags_real_loops_and_keeps_ordinary_answers():
@@ -835,19 +831,17 @@ def test_held_out_margin_works_on_log_probs_from_another_device():
     assert first["initial_logratio"] == [0.5, -0.5, 0.0]
 
 
-def test_auto_precision_is_bf16_only_on_a_gpu_that_computes_it(monkeypatch, tmp_path):
+def test_auto_precision_is_bf16_only_on_a_gpu_that_computes_it(monkeypatch, tmp_path, capsys):
     cases = [(False, False, ("cpu", "float32")), (True, True, ("cuda", "bfloat16")), (True, False, ("cuda", "float32"))]
     for cuda, bf16, want in cases:  # a GPU without bf16 (a T4) computes in fp32
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
         args = sso.parse_args([])
-        sso.resolve_precision(args)
         assert (args.device, args.dtype) == want
+    assert sso.parse_args(["--device", "cuda:1", "--dtype", "float32"]).dtype == "float32"  # as asked
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(sso.SSOError, match="--device cuda: no CUDA device"):
-        sso.resolve_precision(sso.parse_args(["--device", "cuda"]))
     (tmp_path / "config.json").write_text(json.dumps({"device": "cpu", "dtype": "bfloat16", "iters": 1}))
-    resumed, _ = sso.run_settings(sso.parse_args(["--output-dir", str(tmp_path), "--resume"]))
+    resumed, *_ = sso.start_run(sso.parse_args(["--output-dir", str(tmp_path), "--resume"]))
     assert (resumed.device, resumed.dtype) == ("cpu", "bfloat16")  # --resume keeps the run's precision
 
 
@@ -1139,7 +1133,7 @@ BAD_INPUTS = {
     ),
     "malformed CSV": (
         lambda d: ["--prompts", write(d / "bad.csv", 'prompt\nhello\n"multi\nline"\nsee, a comma\n')],
-        "bad.csv, line 5: 2 fields, the header has 1",
+        "bad.csv: ParserError('Error tokenizing data. C error: Expected 1 fields in line 4, saw 2",
     ),
     "no usable prompts": (
         lambda d: ["--prompts", write(d / "e.jsonl", '{"prompt": " "}\n{"prompt": ""}\n')],
@@ -1213,7 +1207,7 @@ def test_cli_errors_have_no_traceback_and_keep_what_is_saved(tmp_path, tiny_dir)
     for result, message in (
         (unknown, "cannot load model 'no-such-org/no-such-model'"),
         (clobber, "already holds a run"),
-        (malformed, "bad.csv, line 3: 2 fields, the header has 1"),
+        (malformed, "bad.csv: ParserError('Error tokenizing data. C error: Expected 1 fields in line 3, saw 2"),
     ):
         assert result.returncode == 2 and message in error_line(result.stderr)
     assert malformed.stderr.strip() == error_line(malformed.stderr)  # no library log lines above it
@@ -1292,16 +1286,11 @@ def test_prompts_from_files(tmp_path):
 
 
 @needs_smollm2
-def test_gguf_is_dequantized_once_into_a_plain_model(smollm2_dir, sso_cache, monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    assert Path(smollm2_dir).parent == sso_cache and not list(sso_cache.glob("*.tmp-*"))
-    calls, original = [], AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(
-        sso.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append((a, k)) or original(*a, **k)
-    )
-    model, tokenizer = sso.load_model(GGUF, args_for("--no-gradient-checkpointing"))
-    assert [(str(a[0]), k) for a, k in calls] == [(smollm2_dir, {"dtype": torch.float32})]  # the copy, not the GGUF
+def test_gguf_loads_dequantized_and_saves_as_a_plain_model(smollm2_dir):
+    """The smollm2_dir fixture is sso.load_model of the GGUF, saved: a plain fp32 model with no quantization config."""
+    saved = json.loads((Path(smollm2_dir) / "config.json").read_text())
+    assert "quantization_config" not in saved and saved.get("dtype", saved.get("torch_dtype")) == "float32"
+    model, tokenizer = sso.load_model(smollm2_dir, args_for("--no-gradient-checkpointing"))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # embeddings still tied
     stops = sso.stop_token_ids(model, tokenizer)  # what closes an assistant turn, then any other EOS the model names
     assert tokenizer.convert_ids_to_tokens(stops[:1]) == ["<|im_end|>"] and set(stops[1:]) <= {tokenizer.eos_token_id}
@@ -1341,8 +1330,9 @@ def test_gpu_check_script_passes_its_checks_on_the_cpu_in_bf16():
                             text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS |", "FAIL |"))]
     assert result.returncode == 0 and len(lines) >= 10 and all(line.startswith("PASS") for line in lines), result.stdout
-    for name in ("every pair's margin is 0 at step 1", "each merged policy computes", "saved weights are fp32",
-                 "--resume redoes iteration 2", "full fine-tuning moves every linear weight", "sso_generator.py"):  # fmt: skip
+    names = ["every pair's margin is 0 at step 1", "each merged policy computes", "saved weights are fp32"]
+    names += ["--resume redoes iteration 2", "full fine-tuning moves every linear weight", "sso_generator.py"]
+    for name in names:
         assert any(name in line for line in lines), name
     assert "| train_epoch " in result.stdout and result.stdout.splitlines()[-1].startswith("verdict: PASS")
 
@@ -1616,7 +1606,7 @@ def prerequisites(blocks) -> list[str]:
 @pytest.mark.parametrize("title, blocks", EXERCISES, ids=[title for title, _ in EXERCISES])
 def test_exercise_runs(title, blocks, tiny_dir, tmp_path, monkeypatch, capsys):
     """Each command as `python SCRIPT ARGS` would run it (runpy, as __main__), in this process to save the imports."""
-    for name in ("sso.py", "principles.json", "data", "experiments"):
+    for name in ("sso.py", "sso_generator.py", "principles.json", "data", "experiments"):
         (tmp_path / name).symlink_to(HERE / name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -1633,6 +1623,8 @@ def test_exercise_runs(title, blocks, tiny_dir, tmp_path, monkeypatch, capsys):
             assert argv[0] == "python", command  # every exercise command runs a script
             if argv[1] in ("sso.py", "sso_noneg.py"):
                 argv += ["--model", tiny_dir, *TINY_BUDGET]  # later flags win: the tiny model and budget
+            elif argv[1] == "sso_generator.py":
+                argv += ["--model", tiny_dir, *V2_RUN]
             elif argv[1] == "experiments/plot.py":
                 pytest.importorskip("matplotlib")
             monkeypatch.setattr(sys, "argv", argv[1:])
@@ -1645,9 +1637,10 @@ def test_exercise_runs(title, blocks, tiny_dir, tmp_path, monkeypatch, capsys):
 def test_exercises_name_only_what_exists():
     """Every sso.<name> and every `name(` that EXERCISES.md mentions is in sso.py; every --flag is one of its flags."""
     text = (HERE / "EXERCISES.md").read_text()
-    names = set(re.findall(r"sso\.(?!py\b)(\w+)", text)) | set(re.findall(r"`(\w+)\(", text))
-    assert names and all(hasattr(sso, name) for name in names), [n for n in names if not hasattr(sso, n)]
-    flags = set(vars(sso.parse_args([])))
+    names = set(re.findall(r"(?<!_)sso\.(?!py\b)(\w+)", text)) | set(re.findall(r"`(\w+)\(", text))
+    found = [hasattr(sso, name) or hasattr(sso_generator, name) for name in names]
+    assert names and all(found), [n for n, ok in zip(names, found) if not ok]
+    flags = set(vars(sso.parse_args([]))) | set(vars(sso.parse_args([], sso_generator.FLAGS)))
     mentioned = {flag[2:].replace("-", "_") for flag in re.findall(r"(?<![\w-])--[a-z][\w-]+", text)}
     assert mentioned and mentioned <= flags | {"report_only", "out", "root", "swap", "max_steps"}, mentioned - flags
 
@@ -1897,7 +1890,9 @@ def test_v2_pbaa_skips_the_generator_and_variants_change_the_loss(tiny_dir, tmp_
 
 
 def test_v2_principles_written_by_a_principle_model_or_the_files(tokenizer, principles, monkeypatch):
-    triples = [sso.new_triple(tokenizer, q, ["Safety"], {"pos": "file p+", "neg": "file p-"}) for q in "abc"]
+    triples = [
+        sso_generator.with_principles(tokenizer, q, ["Safety"], {"pos": "file p+", "neg": "file p-"}) for q in "abc"
+    ]
     answers = ["Good: Be kind.\nBad: Be rude.", "no guidelines here", " **Good:** Cite a source.\n**Bad**: Make it up."]
     encoded = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
     monkeypatch.setattr(sso, "generate_batched", lambda *args, **kwargs: encoded)
@@ -1927,6 +1922,8 @@ def test_v2_data_quality_by_hand(tokenizer):
     assert quality["onpolicy"] == pytest.approx(sum(math.exp(v) for v in (-1, -2, -3, -4)) / 4)
     assert quality["acc_ends_shorter"] == 0.5  # the first chosen ends and is shorter; the second neither
     assert quality["acc_pi0_reads"] == 0.5  # leans +1 vs +0.5 (right), −1 vs 0 (wrong)
+    assert (quality["ended_chosen"], quality["ended_rejected"]) == (0.5, 0.5)
+    assert (quality["len_chosen"], quality["len_rejected"]) == (4.0, 3.0)
 
 
 V2_BAD_INPUTS = {

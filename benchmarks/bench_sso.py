@@ -42,6 +42,7 @@ TIMED += ("held_out_check", "generate_batched")
 HELD_OUT_KEYS = ("iter", "kept", "heldout_n", "heldout_margin", "heldout_low", "heldout_high", "heldout_acc")
 HELD_OUT_KEYS += ("heldout_len_plain", "heldout_ended", "heldout_looping", "heldout_restates")
 HELD_OUT_KEYS += ("onpolicy", "acc_ends_shorter", "acc_pi0_reads")  # sso_generator.py: its policy's data
+HELD_OUT_KEYS += ("ended_chosen", "ended_rejected", "len_chosen", "len_rejected")
 
 
 def record_calls(names=TIMED) -> list[tuple[str, float, float]]:

@@ -1,7 +1,7 @@
 """Checks the GPU route of sso.py, sso_generator.py and the experiments scripts, one line per check, then a verdict.
 
-    python benchmarks/check_gpu.py          # one CUDA GPU: the checks on a tiny random Llama, then one 8B-shaped iteration
-    python benchmarks/check_gpu.py --cpu    # the same checks on the CPU in bf16, a tiny model for the 8B (the test suite)
+    python benchmarks/check_gpu.py          # one CUDA GPU: checks on a tiny random Llama, then one 8B-shaped iteration
+    python benchmarks/check_gpu.py --cpu    # the same checks on the CPU in bf16, tiny shapes for the 8B (the tests)
 
 Each check runs the code a user runs, in this process, on a tiny random Llama (Llama-3.1-8B's vocabulary, small
 layers) saved to a temporary folder, on the device:

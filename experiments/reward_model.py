@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     cli = parser.parse_args(argv)
     try:
         args, held = finished_run(cli.run)
-        folder = sso.dequantized_copy(Path(args.model)) if args.model.endswith(".gguf") else args.model
+        folder = args.model
+        if folder.endswith(".gguf"):  # a plain copy for the classification head to load from
+            model, tokenizer = sso.load_model(args.model, args)
+            folder = tempfile.mkdtemp()
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     except sso.SSOError as err:
         sys.exit(f"error: {err}")
     from trl import RewardConfig, RewardTrainer

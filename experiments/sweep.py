@@ -8,7 +8,8 @@ page made from that file.
     python experiments/sweep.py --report-only                   # the tables of both READMEs, and the figures
 
 Each run is `python benchmarks/bench_sso.py --default-run` with the setting's flags and the seed: `python sso.py
---iters 3` plus those flags (a setting whose flags begin with sso_generator.py: `python sso_generator.py` plus the rest), from an empty $SSO_CACHE, with its phases timed. It runs in a process of its own, so its
+--iters 3` plus those flags (a setting whose first flag is sso_generator.py: `python sso_generator.py` plus the
+others), from an empty $SSO_CACHE, with its phases timed. It runs in a process of its own, so its
 wall time and peak memory are its own, and appends one line to experiments/results.jsonl: the setting, seed, resolved
 config, the held-out check after every iteration (margin against π_0 with its 95% interval, accuracy, and the plain
 answers' length and shares that end, loop and restate the prompt), wall time, peak memory and the time of each phase.
@@ -38,8 +39,8 @@ import sso_generator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.jsonl"
-FULL = ["--lora-rank", "0", "--lr", "5e-5"]
-V2 = "sso_generator.py"  # a setting's first flag: a run of sso_generator.py, not sso.py  # the paper's full fine-tuning, at the learning rate that suits it
+FULL = ["--lora-rank", "0", "--lr", "5e-5"]  # the paper's full fine-tuning, at the learning rate that suits it
+V2 = "sso_generator.py"  # a setting's first flag: a run of sso_generator.py, not sso.py
 SETTINGS = {  # name: flags added to sso.py's defaults
     "default": [],
     "steer": ["--principles", "data/smollm2_principles.json"],  # the paper's Concision alone: a class sees it steer
@@ -67,6 +68,8 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "v2-steer-neg": [V2, "--principles", "data/smollm2_principles.json", "--variant", "neg"],  # L- alone
     "v2-steer-formula3": [V2, "--principles", "data/smollm2_principles.json", "--variant", "formula3"],
     "v2-steer-ipo": [V2, "--principles", "data/smollm2_principles.json", "--loss", "ipo"],  # L_Base: IPO (Table 6)
+    "v2-steer-lr1e-4": [V2, "--principles", "data/smollm2_principles.json", "--lr", "1e-4"],
+    "v2-steer-pbaa-lr1e-4": [V2, "--principles", "data/smollm2_principles.json", "--variant", "pbaa", "--lr", "1e-4"],
     "v2": [V2],
     "v2-pbaa": [V2, "--variant", "pbaa"],
 }
@@ -79,6 +82,7 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
     "settings": ["full", "full-lr1e-4", "full-lr2e-5", "prompts16", "prompts24", "prompts32", "tokens128", "tokens256"]
     + ["lora16-lr1e-3"],  # LoRA at lr 3e-4 is the default command (its own table)
     "v2-steer": ["steer", "v2-steer-pbaa", "v2-steer"],  # v1 beside v2, Concision alone
+    "v2-readme": ["v2-steer-pbaa", "v2-steer"],
     "v2": ["default", "v2-pbaa", "v2"],  # v1 beside v2, principles.json
     "v2-ablations": ["v2-steer-pbaa", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],
 }
