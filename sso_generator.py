@@ -25,8 +25,9 @@ Run: `python sso_generator.py --principles data/smollm2_principles.json`.  Test:
 Choices the paper leaves open (each marked NOTE(impl) n where it happens):
  1. L_sft is the mean negative log-likelihood of the response tokens alone (the released trainer averages over every
     position of the padded sequence, prompt and padding included).
- 2. The generator is a copy of the policy trained with sso.py's route (LoRA rank 16 at lr 3e-4, merged; or full
-    fine-tuning with --lora-rank 0), one epoch; the policy is trained the same way on the generator's data.
+ 2. The generator is a copy of the policy trained with sso.py's route (LoRA rank 16, merged; or full fine-tuning with
+    --lora-rank 0), one epoch; the policy likewise on the generator's data. lr 1e-4, not sso.py's 3e-4: DPO on summed
+    log-probs at 3e-4 made the policy's answers loop (experiments/README.md, section 9).
  3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2: 8k and 60k).
  4. The generator's samples are filtered as sso.py filters its own (empty, identical or looping responses).
  5. With --principle-model, a few-shot prompt asks that model for a good and a bad guideline per query; where its
@@ -72,6 +73,7 @@ CHANGED = {  # sso.py's flags whose default or meaning v2 changes
     "--loss": (("dpo", "ipo"), "L_Base (v2's main experiments: DPO; Table 6: IPO)"),
     "--output-dir": ("runs/sso_generator", "generator/ and policy/ checkpoints, their pairs, metrics.jsonl"),
     "--gamma": (0.1, "γ: weight of L_sft in L+ and L-"),
+    "--lr": (1e-4, "AdamW learning rate of the generator and of the policy (NOTE(impl) 2)"),
     "--resume": (False, "continue the run in --output-dir from its last finished step"),
 }
 V1_ONLY = ("--iters", "--prompts-per-iter", "--alpha", "--no-w", "--no-g")

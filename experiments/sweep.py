@@ -68,8 +68,9 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "v2-steer-neg": [V2, "--principles", "data/smollm2_principles.json", "--variant", "neg"],  # L- alone
     "v2-steer-formula3": [V2, "--principles", "data/smollm2_principles.json", "--variant", "formula3"],
     "v2-steer-ipo": [V2, "--principles", "data/smollm2_principles.json", "--loss", "ipo"],  # L_Base: IPO (Table 6)
-    "v2-steer-lr1e-4": [V2, "--principles", "data/smollm2_principles.json", "--lr", "1e-4"],
-    "v2-steer-pbaa-lr1e-4": [V2, "--principles", "data/smollm2_principles.json", "--variant", "pbaa", "--lr", "1e-4"],
+    "v2-steer-lr3e-4": [V2, "--principles", "data/smollm2_principles.json", "--lr", "3e-4"],  # sso.py's lr
+    "v2-steer-pbaa-lr3e-4": [V2, "--principles", "data/smollm2_principles.json", "--variant", "pbaa", "--lr", "3e-4"],
+    "v2-steer-ipo-lr3e-4": [V2, "--principles", "data/smollm2_principles.json", "--loss", "ipo", "--lr", "3e-4"],
     "v2": [V2],
     "v2-pbaa": [V2, "--variant", "pbaa"],
 }
@@ -83,6 +84,7 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
     + ["lora16-lr1e-3"],  # LoRA at lr 3e-4 is the default command (its own table)
     "v2-steer": ["steer", "v2-steer-pbaa", "v2-steer"],  # v1 beside v2, Concision alone
     "v2-readme": ["v2-steer-pbaa", "v2-steer"],
+    "v2-lr": ["v2-steer-pbaa-lr3e-4", "v2-steer-lr3e-4", "v2-steer-ipo-lr3e-4", "v2-steer-pbaa", "v2-steer"],
     "v2": ["default", "v2-pbaa", "v2"],  # v1 beside v2, principles.json
     "v2-ablations": ["v2-steer-pbaa", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],
 }
