@@ -6,15 +6,14 @@
     python benchmarks/bench_sso.py                       # one iteration, phase by phase
     python benchmarks/bench_sso.py --no-gradient-checkpointing --batch-size 2   # any sso.py flag can be added
 
---default-run: the default command (plus any sso.py flags given), run in this process with an empty temporary
-$SSO_CACHE so that the GGUF is dequantized as on a user's first run. Prints each phase's seconds and share of the
+--default-run: the default command (plus any sso.py flags given), run in this process as a user runs it (the GGUF
+dequantized as it loads). Prints each phase's seconds and share of the
 whole run's wall time, the peak resident memory and the held-out lines; with --results, appends one JSON line with
 the run's settings, held-out check per iteration, wall time, memory and phases (experiments/sweep.py reads them).
 
 One iteration: exactly what sso.py runs (sso.run_iteration, then the held-out check), timed phase by phase, on the
 bundled prompts. The workload defaults to 16 prompts, 128 new tokens and batch size 2, the settings of this
-benchmark's earlier versions, so that iteration times compare across versions; the model is loaded from the
-dequantized copy (a first run dequantizes it).
+benchmark's earlier versions, so that iteration times compare across versions; loading the model is timed apart.
 """
 
 import argparse
@@ -100,9 +99,8 @@ def commit() -> str | None:
 
 
 def default_run(flags: list[str], keep: str | None, setting: str, results: str | None, generator=False) -> None:
-    """`python sso.py --iters 3 FLAGS` (or `python sso_generator.py FLAGS`) in this process from an empty $SSO_CACHE:
-    phases, wall time, peak RSS."""
-    os.environ |= {"SSO_CACHE": tempfile.mkdtemp(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    """`python sso.py --iters 3 FLAGS` (or `python sso_generator.py FLAGS`) in this process: phases, wall time, peak RSS."""
+    os.environ |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = Path(keep) if keep else Path(tempfile.mkdtemp()) / "run"
     started_at = commit()  # the code the run starts with
     calls = record_calls()
@@ -188,7 +186,7 @@ def one_iteration(extra: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--default-run", action="store_true", help="time `python sso.py --iters 3` from a cold cache")
+    parser.add_argument("--default-run", action="store_true", help="time `python sso.py --iters 3` as a user runs it")
     parser.add_argument("--keep", default=None, help="with --default-run: the folder to keep that run in")
     parser.add_argument("--results", default=None, help="with --default-run: append the run's numbers to this file")
     parser.add_argument("--setting", default="default", help="with --results: the name the row is filed under")

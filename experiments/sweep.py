@@ -9,7 +9,7 @@ page made from that file.
 
 Each run is `python benchmarks/bench_sso.py --default-run` with the setting's flags and the seed: `python sso.py
 --iters 3` plus those flags (a setting whose first flag is sso_generator.py: `python sso_generator.py` plus the
-others), from an empty $SSO_CACHE, with its phases timed. It runs in a process of its own, so its
+others), with its phases timed. It runs in a process of its own, so its
 wall time and peak memory are its own, and appends one line to experiments/results.jsonl: the setting, seed, resolved
 config, the held-out check after every iteration (margin against π_0 with its 95% interval, accuracy, and the plain
 answers' length and shares that end, loop and restate the prompt), wall time, peak memory and the time of each phase.
@@ -183,7 +183,8 @@ def runs_of(rows: list[dict], settings: list[str], seeds: list[int] | None = Non
 
 def label(row: dict) -> str:
     script, *flags = run_flags(row, seed=False)
-    return f"{script} {' '.join(flags)}".strip() + f", seed {row['seed']}"
+    words = " ".join(flags) or "the default command"
+    return ("" if script == "sso.py" else f"{script}: ") + f"{words}, seed {row['seed']}"
 
 
 def table(rows: list[dict]) -> str:
