@@ -33,7 +33,7 @@ Choices the paper leaves open (each marked NOTE(impl) n where it happens):
  5. With --principle-model, a few-shot prompt asks that model for a good and a bad guideline per query; where its
     answer has no usable pair, the principles file's p+ / p- are used, and counted.
  6. The data's quality (Figure 3) at the end: on-policy-ness, the mean of exp(mean token log π_0(y|x)) over chosen
-    and rejected, and accuracy by two judges (ACCURACY below): a length judge and π_0's own reading of p+ / p-.
+    and rejected, and accuracy by two judges (data_quality): a length judge and π_0's own reading of p+ / p-.
 """
 
 import copy
@@ -201,11 +201,11 @@ def sampled(model, tokenizer, triples, args, responses, who: str, stage: int, lo
 
 
 def data_quality(triples, ref: dict, stop_id: int) -> dict[str, float]:
-    """v2 Figure 3 for the policy's pairs: how on-policy (exp of the mean token log π_0(y|x), averaged over chosen
-    and rejected) and how accurate, by two judges: `ends_shorter`, the chosen ends and is shorter than the rejected
-    (what data/smollm2_principles.json's Concision asks for, checkable by eye; it favours short answers whatever the
-    principles); `pi0_reads`, π_0's own reading of the principles, log π_0(y|x+) − log π_0(y|x-) higher for the
-    chosen (it favours what the model already associates with p+, right or wrong)."""
+    """v2 Figure 3 for the policy's pairs (NOTE(impl) 6): how on-policy (exp of the mean token log π_0(y|x), over
+    chosen and rejected) and how accurate, by two judges: `ends_shorter`, the chosen ends and is shorter than the
+    rejected (what data/smollm2_principles.json's Concision asks for, checkable by eye; it favours short answers
+    whatever the principles); `pi0_reads`, π_0's own reading of the principles, log π_0(y|x+) − log π_0(y|x-) higher
+    for the chosen (it favours what the model already associates with p+, right or wrong)."""
     likely = torch.cat([ref["base_chosen_mean"], ref["base_rejected_mean"]]).exp().mean().item()
     ends_shorter = [t.ids["chosen"][-1] == stop_id and len(t.ids["chosen"]) < len(t.ids["rejected"]) for t in triples]
     lean = ref["judge_pos_chosen_mean"] - ref["judge_neg_chosen_mean"]  # (N,) how much more p+-like y+ is under π_0
@@ -223,6 +223,38 @@ def stages(args) -> list[str]:
     return ["policy"] if args.variant == "pbaa" else ["generator", "policy"]
 
 
+def train_generator(policy, tokenizer, queries, principles, args, principle_model, log):
+    """Steps 1-3: x with p+ / p-; y+, y-, yo from the policy; the generator, a copy of the policy trained against it
+    (frozen) with L_SSO. Returns (the generator, its triples, its record, its pairs)."""
+    triples = principled_triples(policy, tokenizer, queries, principles, args, 1, principle_model, log)
+    triples = sampled(policy, tokenizer, triples, args, ("chosen", "rejected", "plain"), "policy's samples", 1, log)
+    pairs = GENERATOR_PAIRS | ({"neg": FORMULA_3} if args.variant == "formula3" else {})
+    pad_id = tokenizer.pad_token_id
+    ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, pairs)  # the frozen policy's log-probs
+    generator = copy.deepcopy(policy)  # NOTE(impl) 2: initialised from the policy
+    generator_log = tag(log, "generator")
+    generator, history = sso.train_model(
+        generator, triples, ref, pad_id, args, 1, generator_log, generator_objective, pairs
+    )
+    record = {k: sum(h[k] for h in history) / len(history) for k in history[0]} | {"type": "generator"}
+    return generator, triples, record, pairs
+
+
+def train_policy(policy, tokenizer, triples, args, stage: int, log):
+    """Step 4's second half: the policy learns (x: y+ ≻ y-) with L_Base alone, against its own frozen copy (π_0);
+    the data's quality is measured on the way. Returns (the policy, its record)."""
+    ref = sso.reference_logps(policy, triples, tokenizer.pad_token_id, args.batch_size, POLICY_PAIRS | JUDGE_PAIRS)
+    quality = data_quality(triples, ref, sso.stop_token_ids(policy, tokenizer)[0])
+    line = f"the policy's data | on-policy {quality['onpolicy']:.4f} | accurate: ends and shorter "
+    line += f"{quality['acc_ends_shorter']:.2f}, π_0's reading {quality['acc_pi0_reads']:.2f}"
+    log({"type": "data_quality", "iter": stage} | quality, line)
+    policy_log = tag(log, "policy")
+    policy, history = sso.train_model(
+        policy, triples, ref, tokenizer.pad_token_id, args, stage, policy_log, policy_objective, POLICY_PAIRS
+    )
+    return policy, {k: sum(h[k] for h in history) / len(history) for k in history[0]} | quality | {"type": "policy"}
+
+
 def run(args) -> Path:
     args, done, principles, held_out, prompts, log = sso.start_run(args, FLAGS, stages)
     out, steps = Path(args.output_dir), stages(args)
@@ -232,46 +264,29 @@ def run(args) -> Path:
     if args.generator_prompts + args.policy_prompts > len(prompts):
         sso.fail(f"--generator-prompts + --policy-prompts > the {len(prompts)} prompts left after the held-out ones")
     generator_queries = prompts[: args.generator_prompts]
-    policy_queries = prompts[args.generator_prompts :][: args.policy_prompts]  # other queries, more of them
+    policy_queries = prompts[args.generator_prompts :][: args.policy_prompts]  # NOTE(impl) 3: others, more of them
     policy, tokenizer = sso.load_model(args.model, args)  # π_0, on --resume too
-    pad_id = tokenizer.pad_token_id
     principle_model = None  # (model, tokenizer) that writes p+ / p-, if any
     if args.principle_model:
         principle_model = sso.load_model(args.principle_model, args)
     held = sso.held_out_data(out, policy, tokenizer, held_out, principles, args, log, done) if held_out else None
-    generator = policy  # PBAA: the policy's own samples under x+ and x- are its data
-    # 1.-3. principles; y+, y-, yo from the policy; the generator, a copy of it, trained against it with L_SSO
+    # 1.-3. the generator, trained from the policy (PBAA: none, the policy's own samples are its data)
+    generator = policy
     if "generator" in steps and done:  # --resume after the generator was saved
         generator, _ = sso.load_model(str(out / "generator"), args)
     elif "generator" in steps:
-        triples = principled_triples(policy, tokenizer, generator_queries, principles, args, 1, principle_model, log)
-        triples = sampled(policy, tokenizer, triples, args, ("chosen", "rejected", "plain"), "policy's samples", 1, log)
-        pairs = GENERATOR_PAIRS | ({"neg": FORMULA_3} if args.variant == "formula3" else {})
-        ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, pairs)  # the frozen policy
-        generator = copy.deepcopy(policy)  # NOTE(impl) 2: initialised from the policy
-        generator_log = tag(log, "generator")
-        generator, history = sso.train_model(
-            generator, triples, ref, pad_id, args, 1, generator_log, generator_objective, pairs
+        generator, triples, record, pairs = train_generator(
+            policy, tokenizer, generator_queries, principles, args, principle_model, log
         )
-        record = {k: sum(h[k] for h in history) / len(history) for k in history[0]} | {"type": "generator"}
         sso.save_iteration(out / "generator", generator, tokenizer, triples, record, [], pairs)
-    # 4. the generator's y+ under x+ and y- under x- for the policy's queries; the policy learns them with L_Base
+    # 4. the generator writes y+ under x+ and y- under x- for the policy's queries; the policy learns them
     stage = len(steps)
     triples = principled_triples(policy, tokenizer, policy_queries, principles, args, stage, principle_model, log)
     who = "generator's data" if generator is not policy else "policy's own data (PBAA)"
     triples = sampled(generator, tokenizer, triples, args, ("chosen", "rejected"), who, stage, log)
     del generator
-    ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, POLICY_PAIRS | JUDGE_PAIRS)  # π_0
-    quality = data_quality(triples, ref, sso.stop_token_ids(policy, tokenizer)[0])
-    line = f"{who} | on-policy {quality['onpolicy']:.4f} | accurate: ends and shorter "
-    log(
-        {"type": "data_quality", "iter": stage} | quality,
-        line + f"{quality['acc_ends_shorter']:.2f}, π_0's reading {quality['acc_pi0_reads']:.2f}",
-    )
-    policy, history = sso.train_model(
-        policy, triples, ref, pad_id, args, stage, tag(log, "policy"), policy_objective, POLICY_PAIRS
-    )
-    record = {k: sum(h[k] for h in history) / len(history) for k in history[0]} | quality | {"type": "policy"}
+    policy, record = train_policy(policy, tokenizer, triples, args, stage, log)
+    # then sso.py's held-out check of the policy against π_0, and the policy saved with its pairs
     check, answers = sso.held_out_check(policy, tokenizer, held, args, stage, log) if held else ({}, [])
     sso.save_iteration(out / "policy", policy, tokenizer, triples, record | check, answers, POLICY_PAIRS)
     return out

@@ -1849,7 +1849,7 @@ def test_v2_end_to_end_writes_trl_rows_and_resumes_after_the_generator(tiny_dir,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr and "data (" not in result.stdout
+    assert "Traceback" not in result.stderr and "the policy's data | on-policy 0." in result.stdout
     generator_rows = [json.loads(line) for line in (out / "generator" / "pairs.jsonl").read_text().splitlines()]
     assert [row["pair"] for row in generator_rows[:2]] == ["pos", "neg"]
     assert generator_rows[0]["prompt"][0]["role"] == "system"  # x+: p+ as the system message
