@@ -1874,8 +1874,11 @@ def test_v2_end_to_end_writes_trl_rows_and_resumes_after_the_generator(tiny_dir,
 
 
 def test_v2_pbaa_skips_the_generator_and_variants_change_the_loss(tiny_dir, tmp_path):
-    sso_generator.main(["--model", tiny_dir, *V2_RUN, "--variant", "pbaa", "--output-dir", str(tmp_path / "pbaa")])
+    pbaa = ["--model", tiny_dir, *V2_RUN, "--variant", "pbaa", "--principle-model", tiny_dir]
+    sso_generator.main([*pbaa, "--output-dir", str(tmp_path / "pbaa")])
     assert not (tmp_path / "pbaa" / "generator").exists() and (tmp_path / "pbaa" / "policy").is_dir()
+    written = [r for r in metrics(tmp_path / "pbaa") if r["type"] == "principles"]  # a random model writes none
+    assert [(r["written"], r["fallback"]) for r in written] == [(0, 4)]
     losses = {}
     for variant in ("pos", "neg"):
         sso_generator.main(

@@ -1,6 +1,6 @@
 """What bf16 does to what training learns, measured on SmolLM2-135M-Instruct on the CPU (sso.py NOTE(impl) 13, 14).
 
-    python benchmarks/bf16_routes.py            # about 5 minutes on 2 CPU cores
+    python benchmarks/bf16_routes.py            # about 6 minutes on 2 CPU cores
 
 Each measurement sets the route sso.py used before (bf16 weights) beside the one it uses now (fp32 weights, bf16
 compute under autocast), everything else equal, and compares in fp32:
@@ -36,7 +36,18 @@ def load(route: str, args):
     if route == "bf16 weights":
         model = model.to(torch.bfloat16)
         model.compute_dtype = torch.float32  # no autocast: every op in the weights' bf16
+        model.lm_head.forward = BF16Head(model.lm_head)  # as it was: the head in bf16, its output cast to fp32
     return model, tokenizer
+
+
+class BF16Head:
+    """The LM head of the earlier route: bf16 hidden states and weights, logits rounded to bf16."""
+
+    def __init__(self, head):
+        self.weight = head.weight
+
+    def __call__(self, hidden):
+        return F.linear(hidden.to(self.weight.dtype), self.weight).float()
 
 
 def fp32_logits(model, ids):

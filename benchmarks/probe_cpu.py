@@ -71,7 +71,9 @@ def sampling(model, tokenizer) -> None:
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     matmul_peak()
-    policy, tok = sso.load_model(sso.default_model(), sso.parse_args(["--no-gradient-checkpointing"]))
+    policy, tok = sso.load_model(
+        sso.default_model(), sso.parse_args(["--no-gradient-checkpointing", "--device", "cpu"])
+    )
     training_step(policy, checkpointing=False)
     training_step(policy, checkpointing=True)
     sampling(policy, tok)

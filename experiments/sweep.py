@@ -83,10 +83,10 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
     "settings": ["full", "full-lr1e-4", "full-lr2e-5", "prompts16", "prompts24", "prompts32", "tokens128", "tokens256"]
     + ["lora16-lr1e-3"],  # LoRA at lr 3e-4 is the default command (its own table)
     "v2-steer": ["steer", "v2-steer-pbaa", "v2-steer"],  # v1 beside v2, Concision alone
-    "v2-readme": ["v2-steer-pbaa", "v2-steer"],
-    "v2-lr": ["v2-steer-pbaa-lr3e-4", "v2-steer-lr3e-4", "v2-steer-ipo-lr3e-4", "v2-steer-pbaa", "v2-steer"],
+    "v2-readme": ["v2-steer"],
+    "v2-lr": ["v2-steer-pbaa-lr3e-4", "v2-steer-lr3e-4", "v2-steer-ipo-lr3e-4"],  # seed 0, beside the table above
     "v2": ["default", "v2-pbaa", "v2"],  # v1 beside v2, principles.json
-    "v2-ablations": ["v2-steer-pbaa", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],
+    "v2-ablations": ["v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],  # beside v2-steer's seed 0
 }
 FIGURES = {  # experiments/README.md: figure -> its panels, each (title, settings, seeds); at most 6 runs a panel
     "default.png": [("the default command", ["default"], [0, 1, 2]), ("full fine-tuning", ["full"], [0, 1, 2])],
@@ -211,15 +211,18 @@ def table(rows: list[dict]) -> str:
 def quality_table(rows: list[dict]) -> str:
     """sso_generator.py's runs: the policy's training data (v2 Figure 3) beside the held-out outcome."""
     lines = [
-        "| command | data on-policy | accurate: ends and shorter | accurate: π_0's reading | held-out margin | "
-        "length y0 | ended y0 | looping y0 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| command | data on-policy | accurate: ends and shorter | accurate: π_0's reading | data ended y+ / y- | "
+        "data length y+ / y- | held-out margin | ended y0 | looping y0 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         first, last = row["iterations"][0], row["iterations"][-1]
         cells = [f"`{command(row)}`", f"{last['onpolicy']:.3f}", f"{last['acc_ends_shorter']:.2f}"]
-        cells += [f"{last['acc_pi0_reads']:.2f}", f"{last['heldout_margin']:+.4f}"]
-        cells.append(f"{first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f}")
+        cells.append(f"{last['acc_pi0_reads']:.2f}")
+        for key, form in (("ended", ".2f"), ("len", ".0f")):  # runs filed before these were logged: "-"
+            pair = [last.get(f"{key}_{side}") for side in ("chosen", "rejected")]
+            cells.append(" / ".join(f"{value:{form}}" for value in pair) if None not in pair else "-")
+        cells.append(f"{last['heldout_margin']:+.4f}")
         cells += [f"{first[key]:.2f} → {last[key]:.2f}" for key in ("heldout_ended", "heldout_looping")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -246,7 +249,7 @@ def plot_quality(rows: list[dict], path: Path) -> None:
                 for r in chosen
                 if r["config"]["variant"] == variant
             ]
-            axis.scatter(*zip(*points), color=f"C{number}", label=f"{variant} ({len(points)} seeds)")
+            axis.scatter(*zip(*points), color=f"C{number}", label=f"--variant {variant} ({len(points)} seeds)")
         axis.set(title=title, xlabel="on-policy: mean exp(mean token log π_0(y|x))", ylabel="accuracy of the pairs")
         if variants:
             axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
@@ -313,11 +316,12 @@ def report(rows: list[dict], pages: list[Path], contrasts: Path, figures: Path, 
     tables["variants"] = table([row for row in rows if run_flags(row, seed=False) not in known])
     v2_rows = runs_of(rows, [name for name, flags in SETTINGS.items() if flags[:1] == [V2]], extra=extra)
     tables["v2-quality"] = quality_table(v2_rows)
+    figure_3 = ["v2-steer-pbaa", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-pbaa", "v2"]
     for page in pages:
         write_page(page, tables | contrast_tables(contrasts))
     for name, panels in FIGURES.items():
         plot(rows, figures / name, panels, extra)
-    plot_quality(v2_rows, figures / "v2_quality.png")
+    plot_quality(runs_of(rows, figure_3, extra=extra), figures / "v2_quality.png")  # the defaults' variants
     print(f"wrote the tables of {', '.join(map(str, pages))} and the figures in {figures}")
 
 
