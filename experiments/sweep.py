@@ -86,8 +86,9 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
     "v2-readme": ["v2-steer"],
     "v2-lr": ["v2-steer-pbaa-lr3e-4", "v2-steer-lr3e-4", "v2-steer-ipo-lr3e-4"],  # seed 0, beside the table above
     "v2": ["default", "v2-pbaa", "v2"],  # v1 beside v2, principles.json
-    "v2-ablations": ["v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],  # beside v2-steer's seed 0
+    "v2-ablations": ["steer", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],
 }
+PAGE_SEEDS = {"v2-ablations": [0]}  # a table of one seed: its settings' other seeds are in the tables above
 FIGURES = {  # experiments/README.md: figure -> its panels, each (title, settings, seeds); at most 6 runs a panel
     "default.png": [("the default command", ["default"], [0, 1, 2]), ("full fine-tuning", ["full"], [0, 1, 2])],
     "steer.png": [
@@ -311,7 +312,7 @@ def plot(rows: list[dict], path: Path, panels: list[tuple], extra=()) -> None:
 
 
 def report(rows: list[dict], pages: list[Path], contrasts: Path, figures: Path, extra=()) -> None:
-    tables = {name: table(runs_of(rows, settings, extra=extra)) for name, settings in PAGE.items()}
+    tables = {name: table(runs_of(rows, settings, PAGE_SEEDS.get(name), extra)) for name, settings in PAGE.items()}
     known = [setting_flags([*flags, *extra]) for flags in SETTINGS.values()]
     tables["variants"] = table([row for row in rows if run_flags(row, seed=False) not in known])
     v2_rows = runs_of(rows, [name for name, flags in SETTINGS.items() if flags[:1] == [V2]], extra=extra)
