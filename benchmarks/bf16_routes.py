@@ -12,7 +12,6 @@ compute under autocast), everything else equal, and compares in fp32:
 4. one triple scored alone and in a padded batch of four (bf16): the largest difference in mean token log-prob.
 """
 
-import copy
 import sys
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from check_gpu import fp32_logits  # noqa: E402  (what a model computes, in fp32)
+
 import sso  # noqa: E402
 
 QUERIES = [
@@ -48,13 +49,6 @@ class BF16Head:
 
     def __call__(self, hidden):
         return F.linear(hidden.to(self.weight.dtype), self.weight).float()
-
-
-def fp32_logits(model, ids):
-    copied = copy.deepcopy(model).float()
-    copied.compute_dtype = torch.float32
-    with torch.no_grad():
-        return copied(input_ids=ids).logits
 
 
 def lora_error(route: str, lr: str) -> float:

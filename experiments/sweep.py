@@ -188,45 +188,47 @@ def label(row: dict) -> str:
     return ("" if script == "sso.py" else f"{script}: ") + f"{words}, seed {row['seed']}"
 
 
+def markdown(header: list[str], cells: list[list[str]]) -> str:
+    """A markdown table: the header, then one row of cells per run."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
 def table(rows: list[dict]) -> str:
     """One markdown row per run: the held-out check after the last iteration, π_0's → the last for the plain y0."""
-    lines = [
-        "| command | held-out margin [95% interval] | acc | length y0 | ended y0 | looping y0 | restates y0 | wall time "
-        "| peak memory |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["command", "held-out margin [95% interval]", "acc", "length y0", "ended y0", "looping y0"]
+    header += ["restates y0", "wall time", "peak memory"]
+    cells = []
     for row in rows:
         first, last = row["iterations"][0], row["iterations"][-1]
         note = f" ({row['note']})" if "note" in row else ""  # a run of a variant of sso.py
-        cells = [f"`{command(row)}`{note}"]
-        cells.append(f"{last['heldout_margin']:+.4f} [{last['heldout_low']:+.4f}, {last['heldout_high']:+.4f}]")
-        cells.append(f"{last['heldout_acc']:.2f}")
-        cells.append(f"{first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f}")
+        run = [f"`{command(row)}`{note}"]
+        run.append(f"{last['heldout_margin']:+.4f} [{last['heldout_low']:+.4f}, {last['heldout_high']:+.4f}]")
+        run.append(f"{last['heldout_acc']:.2f}")
+        run.append(f"{first['heldout_len_plain']:.0f} → {last['heldout_len_plain']:.0f}")
         for key in ("heldout_ended", "heldout_looping", "heldout_restates"):
-            cells.append(f"{first[key]:.2f} → {last[key]:.2f}" if key in last else "-")  # older rows lack some
-        cells += [f"{row['wall_min']:.1f} min", f"{row['peak_rss_mb'] / 1024:.1f} GB"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            run.append(f"{first[key]:.2f} → {last[key]:.2f}" if key in last else "-")  # older rows lack some
+        run += [f"{row['wall_min']:.1f} min", f"{row['peak_rss_mb'] / 1024:.1f} GB"]
+        cells.append(run)
+    return markdown(header, cells)
 
 
 def quality_table(rows: list[dict]) -> str:
     """sso_generator.py's runs: the policy's training data (v2 Figure 3) beside the held-out outcome."""
-    lines = [
-        "| command | data on-policy | accurate: ends and shorter | accurate: π_0's reading | data ended y+ / y- | "
-        "data length y+ / y- | held-out margin | ended y0 | looping y0 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["command", "data on-policy", "accurate: ends and shorter", "accurate: π_0's reading"]
+    header += ["data ended y+ / y-", "data length y+ / y-", "held-out margin", "ended y0", "looping y0"]
+    cells = []
     for row in rows:
         first, last = row["iterations"][0], row["iterations"][-1]
-        cells = [f"`{command(row)}`", f"{last['onpolicy']:.3f}", f"{last['acc_ends_shorter']:.2f}"]
-        cells.append(f"{last['acc_pi0_reads']:.2f}")
+        run = [f"`{command(row)}`", f"{last['onpolicy']:.3f}", f"{last['acc_ends_shorter']:.2f}"]
+        run.append(f"{last['acc_pi0_reads']:.2f}")
         for key, form in (("ended", ".2f"), ("len", ".0f")):  # runs filed before these were logged: "-"
             pair = [last.get(f"{key}_{side}") for side in ("chosen", "rejected")]
-            cells.append(" / ".join(f"{value:{form}}" for value in pair) if None not in pair else "-")
-        cells.append(f"{last['heldout_margin']:+.4f}")
-        cells += [f"{first[key]:.2f} → {last[key]:.2f}" for key in ("heldout_ended", "heldout_looping")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            run.append(" / ".join(f"{value:{form}}" for value in pair) if None not in pair else "-")
+        run.append(f"{last['heldout_margin']:+.4f}")
+        run += [f"{first[key]:.2f} → {last[key]:.2f}" for key in ("heldout_ended", "heldout_looping")]
+        cells.append(run)
+    return markdown(header, cells)
 
 
 def plot_quality(rows: list[dict], path: Path) -> None:
