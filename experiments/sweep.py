@@ -87,6 +87,7 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
     "v2-lr": ["v2-steer-pbaa-lr3e-4", "v2-steer-lr3e-4", "v2-steer-ipo-lr3e-4"],  # seed 0, beside the table above
     "v2": ["default", "v2-pbaa", "v2"],  # v1 beside v2, principles.json
     "v2-ablations": ["steer", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],
+    "v2-terms": ["v2-steer-pos", "v2-steer-neg"],  # L+ alone and L- alone on every seed run
 }
 PAGE_SEEDS = {"v2-ablations": [0]}  # a table of one seed: its settings' other seeds are in the tables above
 FIGURES = {  # experiments/README.md: figure -> its panels, each (title, settings, seeds); at most 6 runs a panel
