@@ -517,18 +517,19 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
         record[f"logp_{name}"] = ref[f"{key}_mean"].mean().item()  # paper Fig. 4: how on-policy, each under x
         record[f"len_{name}"] = ref[f"{key}_n"].float().mean().item()  # tokens, the end-of-turn token included
     # 5. optimize L = ℓ_base + W·γ·G; 6. the next iteration freezes a fresh reference from the trained policy
-    policy, history = train_model(policy, triples, ref, pad_id, args, iteration, log)
-    record |= {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+    policy, means = train_model(policy, triples, ref, pad_id, args, iteration, log)
+    record |= means
     return policy, triples, record
 
 
 def train_model(model, triples, ref, pad_id, args, iteration, log, objective=sso_objective, pairs=PAIRS):
-    """One epoch: LoRA (--lora-rank r) merged after, or full fine-tuning (0). Returns (model, step metrics)."""
+    """One epoch: LoRA (--lora-rank r) merged after, or full fine-tuning (0). Returns (model, mean step metrics)."""
     if args.lora_rank:  # only the adapters train
         config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
         model = get_peft_model(model, config)
     history = train_epoch(model, triples, ref, pad_id, args, iteration, log, objective, pairs)
-    return (model.merge_and_unload() if args.lora_rank else model).eval(), history
+    means = {k: sum(h[k] for h in history) / len(history) for k in history[0]}  # each step metric over the epoch
+    return (model.merge_and_unload() if args.lora_rank else model).eval(), means
 
 
 def margin_against_initial(logps: dict, held: dict) -> torch.Tensor:

@@ -233,11 +233,10 @@ def train_generator(policy, tokenizer, queries, principles, args, principle_mode
     ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, pairs)  # the frozen policy's log-probs
     generator = copy.deepcopy(policy)  # NOTE(impl) 2: initialised from the policy
     generator_log = tag(log, "generator")
-    generator, history = sso.train_model(
+    generator, means = sso.train_model(
         generator, triples, ref, pad_id, args, 1, generator_log, generator_objective, pairs
     )
-    record = {k: sum(h[k] for h in history) / len(history) for k in history[0]} | {"type": "generator"}
-    return generator, triples, record, pairs
+    return generator, triples, means | {"type": "generator"}, pairs
 
 
 def train_policy(policy, tokenizer, triples, args, stage: int, log):
@@ -249,10 +248,10 @@ def train_policy(policy, tokenizer, triples, args, stage: int, log):
     line += f"{quality['acc_ends_shorter']:.2f}, π_0's reading {quality['acc_pi0_reads']:.2f}"
     log({"type": "data_quality", "iter": stage} | quality, line)
     policy_log = tag(log, "policy")
-    policy, history = sso.train_model(
+    policy, means = sso.train_model(
         policy, triples, ref, tokenizer.pad_token_id, args, stage, policy_log, policy_objective, POLICY_PAIRS
     )
-    return policy, {k: sum(h[k] for h in history) / len(history) for k in history[0]} | quality | {"type": "policy"}
+    return policy, means | quality | {"type": "policy"}
 
 
 def run(args) -> Path:

@@ -7,9 +7,9 @@
     python benchmarks/bench_sso.py --no-gradient-checkpointing --batch-size 2   # any sso.py flag can be added
 
 --default-run: the default command (plus any sso.py flags given), run in this process as a user runs it (the GGUF
-dequantized as it loads). Prints each phase's seconds and share of the
-whole run's wall time, the peak resident memory and the held-out lines; with --results, appends one JSON line with
-the run's settings, held-out check per iteration, wall time, memory and phases (experiments/sweep.py reads them).
+dequantized as it loads). Prints each phase's seconds and share of the whole run's wall time, the peak resident memory
+and the held-out lines; with --results, appends one JSON line with the run's settings, held-out check per iteration,
+wall time, memory and phases (experiments/sweep.py reads them).
 
 One iteration: exactly what sso.py runs (sso.run_iteration, then the held-out check), timed phase by phase, on the
 bundled prompts. The workload defaults to 16 prompts, 128 new tokens and batch size 2, the settings of this

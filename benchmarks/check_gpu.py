@@ -72,9 +72,9 @@ def lora_cli_run(model: str, run: Path, precision: list[str], device: str) -> No
 
     def train_model(model, *rest, **kwargs):
         initial = fp32_logits(model, probe)
-        model, history = real_train_model(model, *rest, **kwargs)
+        model, means = real_train_model(model, *rest, **kwargs)
         merges[-1] |= {"initial": initial, "returned": fp32_logits(model, probe)}
-        return model, history
+        return model, means
 
     sso.train_epoch, sso.train_model = train_epoch, train_model
     try:
