@@ -61,6 +61,7 @@ PAIRS = {  # paper Fig. 3 step 2: the three preference pairs as (context, chosen
     "pos": ("pos", "chosen", "rejected"),  # p+, x: y+ > y-, self-steering: p+ must prefer y+
     "neg": ("neg", "plain", "chosen"),  # p-, x: y0 > y+, self-steering: p- stays near the on-policy y0, below y+
 }
+ON_POLICY = {"plain": ("x", "plain", "plain")}  # log π(y0|x) (paper Fig. 4), logged only: y0 as both sides of a pair
 RESPONSES = {"chosen": "pos", "rejected": "neg", "plain": "x"}  # each response and the context it is sampled under
 
 
@@ -371,9 +372,8 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def pair_logps(model, triples, pad_id: int, pairs: dict = PAIRS) -> dict[str, torch.Tensor]:
     """Sums, token counts and means of each pair, keyed "{pair}_{chosen|rejected}_{sum|n|mean}", each (B,)."""
     out = {}
-    device = next(model.parameters()).device
     for pair in pairs:
-        batch = {k: v.to(device) for k, v in collate_pair(triples, pair, pad_id, pairs=pairs).items()}
+        batch = {k: v.to(model.device) for k, v in collate_pair(triples, pair, pad_id, pairs=pairs).items()}
         logp_sum, n_tokens = sequence_logps(model, **batch)  # (2B,): chosen then rejected
         for side, total, count in zip(("chosen", "rejected"), logp_sum.chunk(2), n_tokens.chunk(2)):
             out |= {f"{pair}_{side}_sum": total, f"{pair}_{side}_n": count, f"{pair}_{side}_mean": total / count}
@@ -381,12 +381,9 @@ def pair_logps(model, triples, pad_id: int, pairs: dict = PAIRS) -> dict[str, to
 
 
 def loss_inputs(logps: dict, loss_type: str, pairs: dict = PAIRS) -> dict[str, torch.Tensor]:
-    """The dict sso_loss takes: mean token log-probs for IPO, sums for DPO (NOTE(impl) 1); W from means under x."""
+    """The pairs' log-probs a loss takes: mean token log-probs for IPO, sums for DPO (NOTE(impl) 1)."""
     kind = "mean" if loss_type == "ipo" else "sum"
-    out = {f"{p}_{s}": logps[f"{p}_{s}_{kind}"] for p in pairs for s in ("chosen", "rejected")}
-    if "base" in pairs:
-        out |= {"w_chosen": logps["base_chosen_mean"], "w_rejected": logps["base_rejected_mean"]}
-    return out
+    return {f"{p}_{s}": logps[f"{p}_{s}_{kind}"] for p in pairs for s in ("chosen", "rejected")}
 
 
 # --- Losses: pure functions of log-prob tensors (paper Fig. 3 step 2) -------------------------------------------------
@@ -438,19 +435,11 @@ def sso_loss(policy: dict, reference: dict, *, beta=0.1, alpha=0.5, gamma=0.1, l
 
 # --- One SSO iteration (paper Fig. 3: step 1, then step 2) ------------------------------------------------------------
 @torch.no_grad()
-def reference_logps(ref_model, triples, pad_id: int, batch_size: int, pairs: dict = PAIRS) -> dict[str, torch.Tensor]:
-    """log π_ref of every sequence, and of y0 under x (logged only), once per iteration, in no-grad batches."""
+def reference_logps(policy, triples, pad_id: int, batch_size: int, pairs: dict = PAIRS) -> dict[str, torch.Tensor]:
+    """log π_ref of every sequence of the pairs, once per iteration, in no-grad batches: the policy before it trains."""
     parts = []
-    device = next(ref_model.parameters()).device
     for start in tqdm(range(0, len(triples), batch_size), desc="reference", leave=False):
-        chunk = triples[start : start + batch_size]
-        x = [t.contexts["x"] for t in chunk]
-        part = pair_logps(ref_model, chunk, pad_id, pairs)
-        if all("plain" in t.ids for t in chunk):  # log π(y0|x): how on-policy, logged only
-            plain = pad_batch([c + t.ids["plain"] for c, t in zip(x, chunk)], list(map(len, x)), pad_id)
-            plain_sum, plain_n = sequence_logps(ref_model, **{k: v.to(device) for k, v in plain.items()})
-            part |= {"plain_mean": plain_sum / plain_n, "plain_n": plain_n}
-        parts.append(part)
+        parts.append(pair_logps(policy, triples[start : start + batch_size], pad_id, pairs))
     return {key: torch.cat([part[key] for part in parts]).cpu() for key in parts[0]}
 
 
@@ -458,15 +447,15 @@ def sso_objective(policy_logps: dict, ref_logps: dict, args) -> tuple[torch.Tens
     """L = ℓ_base + W·γ·G on one batch of pair_logps values, with the flags' settings and Table 12 ablations."""
     settings = {"beta": args.beta, "alpha": args.alpha, "gamma": args.gamma, "loss_type": args.loss}
     settings |= {"use_w": not args.no_w, "use_g": not args.no_g}
-    return sso_loss(loss_inputs(policy_logps, args.loss), loss_inputs(ref_logps, args.loss), **settings)
+    w_inputs = {"w_chosen": policy_logps["base_chosen_mean"], "w_rejected": policy_logps["base_rejected_mean"]}  # x
+    return sso_loss(loss_inputs(policy_logps, args.loss) | w_inputs, loss_inputs(ref_logps, args.loss), **settings)
 
 
 def train_epoch(policy, triples, ref, pad_id, args, iteration, log, objective=sso_objective, pairs=PAIRS) -> list[dict]:
     """Optimize the objective (L of paper Fig. 3 step 2) for one epoch over the triples. Returns the step metrics."""
     params = [p for p in policy.parameters() if p.requires_grad]
-    device = params[0].device
-    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=device.type in ("cpu", "cuda"))  # NOTE(impl) 4
-    ref = {k: v.to(device) for k, v in ref.items()}
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=policy.device.type in ("cpu", "cuda"))  # NOTE(impl) 4
+    ref = {k: v.to(policy.device) for k, v in ref.items()}
     size = args.batch_size  # NOTE(impl) 14: the reference's batches (consecutive triples), in a random order
     batches = [list(range(start, min(start + size, len(triples)))) for start in range(0, len(triples), size)]
     batches = [batches[i] for i in torch.randperm(len(batches)).tolist()]
@@ -509,8 +498,8 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     for label, text in zip(("x ", "y+", "y-", "y0"), (example.query, *example.texts.values())):
         tqdm.write(f"{label}: {textwrap.shorten(text, 200, placeholder=' ...')}")  # on one line
     # 4. reference log-probs (no grad), before training: π_ref = π_θ at the start of the iteration (NOTE(impl) 3)
-    ref = reference_logps(policy, triples, pad_id, args.batch_size)
-    for name, key in (("chosen", "base_chosen"), ("rejected", "base_rejected"), ("plain", "plain")):
+    ref = reference_logps(policy, triples, pad_id, args.batch_size, PAIRS | ON_POLICY)
+    for name, key in (("chosen", "base_chosen"), ("rejected", "base_rejected"), ("plain", "plain_chosen")):
         record[f"logp_{name}"] = ref[f"{key}_mean"].mean().item()  # paper Fig. 4: how on-policy, each under x
         record[f"len_{name}"] = ref[f"{key}_n"].float().mean().item()  # tokens, the end-of-turn token included
     # 5. optimize L = ℓ_base + W·γ·G; 6. the trained policy, its adapter stacked, is the next iteration's π_ref
@@ -520,9 +509,8 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
 
 
 def train_model(model, triples, ref, pad_id, args, iteration, log, objective=sso_objective, pairs=PAIRS):
-    """One epoch of every weight (--lora-rank 0), or of a new fp32 LoRA adapter of rank r on top of the earlier ones,
-    which stay active and frozen (NOTE(impl) 13): B = 0 at first, so the function starts unchanged. Returns (model,
-    the mean step metrics)."""
+    """One epoch of every weight (--lora-rank 0) or of a new fp32 LoRA adapter on the earlier ones, which stay active
+    and frozen (NOTE(impl) 13; B = 0 at first: the same function). Returns (model, the mean step metrics)."""
     if args.lora_rank:
         name = f"adapter_{len(getattr(model, 'peft_config', {})) + 1}"
         config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
@@ -647,8 +635,7 @@ def load_model(name: str, args):
         tokenizer.pad_token = tokenizer.eos_token  # masks are built from lengths, so pad == EOS is harmless
     for module in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
         module.p = 0.0  # NOTE(impl) 5
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft's own call
-    warnings.filterwarnings("ignore", "Could not find a config file", UserWarning)  # peft offline: no vocab resize
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated|Could not find a config file")  # peft
     if args.gradient_checkpointing:  # (transformers 5.0 calls it gradient_checkpointing_enable)
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable({"use_reentrant": False})

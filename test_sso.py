@@ -181,14 +181,13 @@ def saved_model(folder) -> bool:
 
 
 def test_pitfall_ipo_uses_mean_not_summed_logprobs():
-    """IPO on summed log-probs instead of mean token log-probs: the loss through loss_inputs must use the means."""
+    """IPO on summed log-probs instead of mean token log-probs: the loss the run optimizes must use the means."""
     n = torch.tensor([4.0, 2.0])  # tokens per response, so that sums and means differ
     policy = {f"{p}_{s}_{k}": torch.tensor([-2.0, -1.0]) * (n if k == "sum" else 1) for p in sso.PAIRS
               for s in ("chosen", "rejected") for k in ("sum", "mean")}  # fmt: skip
     policy["base_chosen_mean"], policy["base_chosen_sum"] = torch.tensor([-1.0, -0.5]), torch.tensor([-4.0, -1.0])
-    reference = {k: v for k, v in sso.loss_inputs(policy, "ipo").items() if not k.startswith("w_")}
-    reference["base_chosen"] = torch.tensor([-2.0, -1.0])
-    loss, metrics_ = sso.sso_loss(sso.loss_inputs(policy, "ipo"), reference, beta=0.1, gamma=0.1)
+    reference = policy | {"base_chosen_mean": torch.tensor([-2.0, -1.0])}
+    loss, metrics_ = sso.sso_objective(policy, reference, args_for("--beta", "0.1", "--gamma", "0.1", "--loss", "ipo"))
     margins = torch.tensor([1.0, 0.5])  # means: (-1 - -2), (-0.5 - -1); sums would give 4 and 1
     w = torch.sigmoid(-(0.5 * torch.tensor([-1.0, -0.5]) + 0.5 * torch.tensor([-2.0, -1.0])))
     expected = ((margins - 5) ** 2 + w * 0.1 * 2 * 25).mean()  # pos and neg: Δ = 0, (0 - 5)² each
@@ -222,8 +221,8 @@ def expected_gradient(model, params, triples, ref, args):
             p.copy_(value)
     model.zero_grad(set_to_none=True)
     index = [t.query for t in triples]
-    ref_in = {k: v[index] for k, v in sso.loss_inputs(ref, "ipo").items() if not k.startswith("w_")}
-    sso.sso_loss(sso.loss_inputs(sso.pair_logps(model, triples, PAD), "ipo"), ref_in, beta=args.beta)[0].backward()
+    ref_in = {k: v[index] for k, v in ref.items()}
+    sso.sso_objective(sso.pair_logps(model, triples, PAD), ref_in, args)[0].backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -721,13 +720,14 @@ def test_reference_scores_the_plain_response_under_x(tokenizer):
     """log π_ref(y0|x), paper Figure 4's on-policy statistic, equals sequence_logps of the whole (x, y0)."""
     model = make_model(tokenizer)
     triples = random_triples(3, seed=6)
-    ref = sso.reference_logps(model, triples, PAD, batch_size=2)
+    ref = sso.reference_logps(model, triples, PAD, batch_size=2, pairs=sso.PAIRS | sso.ON_POLICY)
     for i, t in enumerate(triples):
         batch = sso.pad_batch([t.contexts["x"] + t.ids["plain"]], [len(t.contexts["x"])], PAD)
         with torch.no_grad():
             logp_sum, n_tokens = sso.sequence_logps(model, **batch)
-        assert ref["plain_n"][i].item() == n_tokens.item() == len(t.ids["plain"])
-        assert ref["plain_mean"][i].item() == pytest.approx(logp_sum.item() / n_tokens.item(), rel=1e-5)
+        assert ref["plain_chosen_n"][i].item() == n_tokens.item() == len(t.ids["plain"])
+        assert ref["plain_chosen_mean"][i].item() == pytest.approx(logp_sum.item() / n_tokens.item(), rel=1e-5)
+    assert "plain_chosen_mean" not in sso.reference_logps(model, triples, PAD, batch_size=2)  # the pairs named only
 
 
 def test_held_out_check_measures_the_margin_against_the_initial_policy(tokenizer):
@@ -1388,11 +1388,13 @@ def test_gpu_check_script_passes_its_checks_on_the_cpu_in_bf16():
                             text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS |", "FAIL |"))]
     assert result.returncode == 0 and len(lines) >= 10 and all(line.startswith("PASS") for line in lines), result.stdout
-    names = ["every pair's margin is 0 at step 1", "each merged policy computes", "saved weights are fp32"]
-    names += ["--resume redoes iteration 2", "full fine-tuning moves every linear weight", "sso_generator.py"]
+    names = ["every pair's margin is 0 at step 1", "each iteration returns exactly the function it trained"]
+    names += ["iteration folders hold fp32 adapters alone", "a saved iteration rebuilds the same function"]
+    names += ["--merge writes an fp32 model", "--resume redoes iteration 2", "full fine-tuning moves every linear weight"]
+    names += ["sso_generator.py", "8B-shaped iteration with the held-out check"]
     for name in names:
         assert any(name in line for line in lines), name
-    assert "| train_epoch " in result.stdout and result.stdout.splitlines()[-1].startswith("verdict: PASS")
+    assert "  train_epoch: " in result.stdout and result.stdout.splitlines()[-1].startswith("verdict: PASS")
 
 
 def test_cpu_benchmark_script_times_every_phase(tiny_dir):

@@ -1,30 +1,53 @@
-"""One SSO iteration with a randomly initialised model of exactly Llama-3.1-8B's shapes, on one GPU.
+"""sso.py and sso_generator.py at Llama-3.1-8B's shapes: memory and time predicted on any CPU, measured on one GPU.
 
-    python benchmarks/bench_gpu_8b.py                  # CUDA: bf16 compute, LoRA r=16, checkpointing, 16 x 256 tokens
-    python benchmarks/bench_gpu_8b.py --tiny           # the same code path on the CPU with small shapes (a smoke test)
+    python benchmarks/bench_gpu_8b.py --predict          # both scripts, the README's 8B command and 64 x 512 tokens
+    python benchmarks/bench_gpu_8b.py --predict --tiny   # the same on small shapes, in seconds (a smoke test)
+    python benchmarks/bench_gpu_8b.py                    # one CUDA GPU: sso.py's iteration at 64 x 512, measured
 
-No weights are downloaded: the model is built from Llama-3.1-8B's config (4096 hidden, 32 layers, 32/8 heads, 14336 MLP,
-128,256 vocabulary) and the tokenizer is a word-level stand-in with all 128,256 ids and a Llama-3-style chat template.
-Random weights rarely emit the end-of-turn token, so every response runs to --max-new-tokens: the worst case for memory.
-The model is left as sso.load_model leaves one (fp32 weights, bf16 compute), and the run is sso.py's: the held-out
-data from π_0, one iteration, the held-out check. Prints seconds per phase and peak GPU memory
-(torch.cuda.max_memory_allocated). benchmarks/check_gpu.py runs it after its checks. Not yet run on a GPU.
+The model is a random Llama of exactly Llama-3.1-8B's shapes (4096 hidden, 32 layers, 32/8 heads, 14336 MLP, 128,256
+vocabulary), built as sso.load_model leaves a model: bf16 weights, dropout off, gradient checkpointing on. The
+tokenizer is a word-level stand-in with all 128,256 ids and a Llama-3-style chat template. The code that runs is the
+route's own: sso.held_out_data (π_0's features, y+ y- y0 and log-ratios), sso.run_iteration (features, sampling, the
+reference pass, one epoch of a new LoRA adapter) and sso.held_out_check; for sso_generator.py its train_generator,
+the generator's sampling for the policy's queries, and train_policy.
+
+--predict runs that code on fake tensors (torch's FakeTensorMode: shapes and dtypes, no memory) on the CPU device,
+where the attention kernel, like a GPU's, keeps no T x T matrix. A dispatch mode counts the bytes of every live
+storage (weights, adapters, gradients, AdamW states, KV cache, activations; the peak of each phase), the FLOPs
+(torch.utils.flop_counter) and the kernels launched, and decides what fake tensors cannot: every response runs to
+--max-new-tokens without an end-of-turn token (random weights rarely emit it: the worst case for memory), with
+distinct token ids (so no triple is dropped), and every finite-loss check passes. Seconds are predicted at stated
+H100 SXM figures (H100 below): FLOPs at 40% of bf16's dense peak, plus the bytes each decoding step reads (weights
+and KV cache) at 60% of the memory bandwidth, plus 10 µs per kernel launched (eager PyTorch, as generate runs).
+Not modelled: the CUDA context and cuBLAS workspaces (about 1 GiB), the caching allocator's fragmentation (what
+reserved adds to allocated; hence the 70 GiB target under 80 GB), and the host memory of loading.
+
+On a GPU the same iteration runs for real: seconds per phase, peak allocated and reserved memory per phase
+(torch.cuda.max_memory_allocated / max_memory_reserved), beside the prediction. benchmarks/check_gpu.py runs it.
 """
 
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_sso import record_calls, seconds_in  # noqa: E402  (this folder is on sys.path when the script runs)
-
 import sso  # noqa: E402
+import sso_generator  # noqa: E402
 
 LLAMA31_8B = dict(
     vocab_size=128256,
@@ -43,6 +66,24 @@ LLAMA31_8B = dict(
 TINY = dict(
     LLAMA31_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
+README_8B = {"prompts": 12, "eval_prompts": 32, "new_tokens": 96, "generator_prompts": 24, "policy_prompts": 48}
+SMOLLM2_135M = dict(  # the CPU check of the prediction: a real run of this shape measured beside its trace
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+CPU_CHECK = {"prompts": 6, "eval_prompts": 8, "new_tokens": 64, "generator_prompts": 4, "policy_prompts": 6}
+TINY_WORKLOAD = {"prompts": 2, "eval_prompts": 2, "new_tokens": 8, "generator_prompts": 2, "policy_prompts": 2}
+WORKLOAD_64x512 = {"prompts": 64, "eval_prompts": 64, "new_tokens": 512, "generator_prompts": 64, "policy_prompts": 64}
+H100 = {"bf16 FLOP/s": 989e12, "bytes/s": 3.35e12, "FLOP share": 0.4, "bandwidth share": 0.6, "s per kernel": 10e-6}
+PHASES = ("select_features", "sample_responses", "reference_logps", "train_epoch", "held_out_check", "generate_batched")
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
@@ -51,17 +92,13 @@ CHAT_TEMPLATE = (
 
 
 def stand_in_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over all of Llama 3's ids; the special tokens sit at Llama 3's ids."""
+    """Word-level tokenizer over all of the vocabulary's ids; Llama 3's special tokens at Llama 3's ids (the last
+    ids of a smaller vocabulary)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    specials = {
-        128000: "<|begin_of_text|>",
-        128001: "<|end_of_text|>",
-        128006: "<|start_header_id|>",
-        128007: "<|end_header_id|>",
-        128008: "<|eom_id|>",
-        128009: "<|eot_id|>",
-    }
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>"]
+    ids = [128000, 128001, 128006, 128007, 128008, 128009] if vocab_size > 128009 else range(vocab_size - 6, vocab_size)
+    specials = dict(zip(ids, [*names, "<|eot_id|>"]))
     vocab = {specials.get(i, f"w{i}"): i for i in range(vocab_size)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -76,74 +113,367 @@ def stand_in_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build(shapes: dict, device: torch.device, dtype: torch.dtype):
-    """A random Llama of these shapes, as sso.load_model leaves a model: fp32 weights computing in `dtype`, dropout
-    off, gradient checkpointing on; and the stand-in tokenizer."""
+def build(shapes: dict, device: torch.device, dtype: torch.dtype, fake: bool = False):
+    """A random Llama of these shapes as sso.load_model leaves one (weights in `dtype`, dropout off, gradient
+    checkpointing on), and the stand-in tokenizer. fake: built on the meta device, then given fake tensors."""
     config = LlamaConfig(**shapes)
-    with torch.device(device):
-        policy = LlamaForCausalLM(config).eval()  # random weights, fp32 (NOTE(impl) 13 of sso.py)
-    policy.compute_dtype = dtype
-    policy.generation_config.eos_token_id, policy.generation_config.pad_token_id = config.eos_token_id, 128001
+    with torch.device("meta" if fake else device):
+        policy = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    if fake:  # inside FakeTensorMode: empty tensors of the same shapes, no memory and no initialisation
+        for module in policy.modules():
+            for name, param in module.named_parameters(recurse=False):
+                module._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype))
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
+    if config.tie_word_embeddings:  # the LM head is the embedding matrix, as in the checkpoint
+        policy.tie_weights()
+    tokenizer = stand_in_tokenizer(config.vocab_size)
+    ends = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+    policy.generation_config.eos_token_id, policy.generation_config.pad_token_id = ends, tokenizer.pad_token_id
     for module in policy.modules():  # dropout off, as sso.load_model does
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+    enable = getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)  # as sso.py
     enable({"use_reentrant": False})
-    return policy, stand_in_tokenizer(config.vocab_size)
+    return policy, tokenizer
 
 
-def iteration_with_check(shapes: dict, device: torch.device, dtype: torch.dtype, flags: list[str]) -> dict:
-    """sso.py's held-out data from π_0, one iteration and the held-out check after it, phase by phase.
-    Returns the seconds of each phase, the peak GPU memory (GiB; nan on a CPU) and the iteration's record."""
-    args = sso.parse_args([*flags, "--iters", "1", "--output-dir", "/tmp/sso-bench-8b"])
-    principles = sso.load_principles(args.principles)
-    lines = Path(args.prompts).read_text().splitlines()  # plain json, the prompts file's own format
+class FakeRun(TorchDispatchMode):
+    """Over FakeTensorMode: bytes of live storages (now, peak), kernels launched, and the values fake tensors lack."""
+
+    def __init__(self, new_tokens: int, vocab_size: int):
+        super().__init__()
+        self.new_tokens, self.vocab_size, self.next_id = new_tokens, vocab_size, 0
+        self.live, self.now, self.peak, self.kernels = {}, 0, 0, 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if id(storage) not in self.live:
+            self.live[id(storage)] = storage.nbytes()
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self.free, id(storage)).atexit = False  # not at exit: fake storages are gone
+
+    def free(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.kernels += 1
+        if func in (torch.ops.aten.uniform_.default, torch.ops.aten.normal_.default):  # LoRA's A: no values
+            return args[0]
+        if func is torch.ops.aten.randperm.default:  # the order of the training batches: any order, as real numbers
+            with unset_fake_temporarily():
+                return torch.arange(args[0])
+        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), .tolist(), bool()
+            if args[0].dtype == torch.bool:
+                return True  # torch.isfinite(loss): yes
+            if args[0].dtype.is_floating_point:
+                return 0.0
+            self.next_id = (self.next_id + 1) % (self.vocab_size - 200)  # a token id: distinct, never a special one
+            return 100 + self.next_id
+        if func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            # sequence_logps picks the scored positions with a mask: every response has new_tokens of them
+            index = [torch.zeros(self.new_tokens, dtype=torch.long) if i is not None else i for i in args[1]]
+            args = (args[0], index)
+        out = func(*args, **kwargs)
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.track(tensor)
+        return out
+
+
+def watch_phases(counters, reset, fake: bool) -> dict:
+    """Wrap the route's phase functions so that each call adds its seconds, FLOPs, kernels, decoding reads and peak
+    memory to the record of its label (prefixed by the stage it runs in: π_0's held-out data, the generator, the
+    policy). A phase's figures cover the phases it calls. counters(): FLOPs, kernels, peak and reserved bytes so far;
+    reset(): a new peak. fake: generate runs to the token limit (fake values cannot say when it would stop)."""
+    stats, stack, stage = {}, [], []
+    steps = {"left": 0}
+
+    def unfinished(*_, **__) -> bool:
+        steps["left"] -= 1
+        return steps["left"] >= 0
+
+    if fake:
+        LlamaForCausalLM._has_unfinished_sequences = unfinished
+
+    def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, *args, **kwargs):
+        steps["left"] = max_new_tokens
+        for entry in stack:  # every enclosing phase reads what decoding reads
+            entry["bytes"] += decode_bytes(model, prompts, max_new_tokens)
+        return real_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, *args, **kwargs)
+
+    def wrap(module, name: str, prefix: str | None = None):
+        function = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            label, scale = "".join(stage) + name, 1
+            if fake and name in ("reference_logps", "train_epoch"):  # one batch traced, the longest: the rest alike
+                size = args[3] if name == "reference_logps" else args[4].batch_size
+                batch = sorted(args[1], key=lambda t: sum(map(len, t.contexts.values())), reverse=True)[:size]
+                scale, args = len(args[1]) / len(batch), (args[0], batch, *args[2:])
+            if stack:  # the enclosing phase's peak so far
+                stack[-1]["inner"] = max(stack[-1]["inner"], counters()["peak"])
+                stack[-1]["inner_reserved"] = max(stack[-1]["inner_reserved"], counters()["reserved"])
+            reset()
+            stack.append(
+                counters()
+                | {"inner": 0, "inner_reserved": 0, "bytes": 0, "extra": 0, "extra_kernels": 0, "time": time.time()}
+            )
+            stage.extend([prefix] if prefix else [])
+            try:
+                return function(*args, **kwargs)
+            finally:
+                del stage[len(stage) - bool(prefix) :]
+                begin, end = stack.pop(), counters()
+                record = stats.setdefault(label, dict.fromkeys(("seconds", "flops", "kernels", "bytes", "calls"), 0))
+                record["seconds"] += time.time() - begin["time"]
+                flops, kernels = end["flops"] - begin["flops"], end["kernels"] - begin["kernels"]
+                record["flops"] += scale * flops + begin["extra"]
+                record["kernels"] += scale * kernels + begin["extra_kernels"]
+                for entry in stack:  # the batches not traced count in every enclosing phase too
+                    entry["extra"] += (scale - 1) * flops
+                    entry["extra_kernels"] += (scale - 1) * kernels
+                record["bytes"] += begin["bytes"]
+                record["calls"] += 1
+                record["peak"] = max(record.get("peak", 0), end["peak"], begin["inner"])
+                record["reserved"] = max(record.get("reserved", 0), end["reserved"], begin["inner_reserved"])
+                if stack:
+                    stack[-1]["inner"] = max(stack[-1]["inner"], record["peak"])
+                    stack[-1]["inner_reserved"] = max(stack[-1]["inner_reserved"], record["reserved"])
+
+        setattr(module, name, timed)
+
+    real_generate, sso.generate_batched = sso.generate_batched, generate_batched
+    for name in ("select_features", "sample_responses", "reference_logps", "train_epoch", "held_out_check"):
+        wrap(sso, name)
+    wrap(sso, "held_out_data", prefix="π_0: ")
+    wrap(sso_generator, "train_generator", prefix="generator: ")
+    wrap(sso_generator, "train_policy", prefix="policy: ")
+    return stats
+
+
+def decode_bytes(model, prompts: list, max_new_tokens: int) -> int:
+    """What the decoding steps of one generate call read: every weight, then each row's KV cache, once a step."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize  # K and V
+    context = max(map(len, prompts)) + max_new_tokens / 2  # the KV cache's mean length over the steps (left-padded)
+    return int(max_new_tokens * (weights + len(prompts) * context * per_token))
+
+
+def flags_for(workload: dict, script: str) -> list[str]:
+    flags = ["--eval-prompts", str(workload["eval_prompts"]), "--max-new-tokens", str(workload["new_tokens"])]
+    if script == "sso.py":
+        return [*flags, "--prompts-per-iter", str(workload["prompts"]), "--iters", "1"]
+    flags += ["--generator-prompts", str(workload["generator_prompts"])]
+    return [*flags, "--policy-prompts", str(workload["policy_prompts"])]
+
+
+def queries_for(count: int) -> list[str]:
+    """The bundled prompts, repeated where a workload asks for more."""
+    lines = (sso.HERE / "data" / "prompts.jsonl").read_text().splitlines()
     prompts = [json.loads(line)["prompt"] for line in lines]
-    held_queries, queries = prompts[: args.eval_prompts], prompts[args.eval_prompts :][: args.prompts_per_iter]
-    started = time.time()
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def run_route(policy, tokenizer, workload: dict, script: str) -> dict:
+    """The route's own code at this workload: held-out data from π_0, then sso.py's iteration or sso_generator.py's
+    generator and policy, then the held-out check. Returns the last iteration record."""
+    flags = sso.FLAGS if script == "sso.py" else sso_generator.FLAGS
+    args = sso.parse_args([*flags_for(workload, script), "--device", "cpu"], flags)
+    args.device, args.dtype = str(policy.device), str(policy.dtype).removeprefix("torch.")
+    args.iters = 1 if script == "sso.py" else 2
+    principles = sso.load_principles(args.principles)
+
+    def log(record, line):  # sso's own progress lines
+        print(f"    {line}"[:150], flush=True)
+
+    queries = queries_for(args.eval_prompts + getattr(args, "prompts_per_iter", 0))
+    held = sso.held_out_data(
+        Path(tempfile.mkdtemp()), policy, tokenizer, queries[: args.eval_prompts], principles, args, log, 0
+    )
+    if script == "sso.py":
+        policy, _, record = sso.run_iteration(policy, tokenizer, queries[args.eval_prompts :], principles, args, 1, log)
+        sso.held_out_check(policy, tokenizer, held, args, 1, log)
+        return record
+    queries = queries_for(args.generator_prompts + args.policy_prompts)
+    generator, *_ = sso_generator.train_generator(
+        policy, tokenizer, queries[: args.generator_prompts], principles, args, None, log
+    )
+    triples = sso_generator.principled_triples(
+        policy, tokenizer, queries[args.generator_prompts :], principles, args, 2, None, log
+    )
+    triples = sso_generator.sampled(generator, tokenizer, triples, args, ("chosen", "rejected"), "generator", 2, log)
+    del generator
+    policy, record = sso_generator.train_policy(policy, tokenizer, triples, args, 2, log)
+    sso.held_out_check(policy, tokenizer, held, args, 2, log)
+    return record
+
+
+def predicted_seconds(record: dict) -> float:
+    """FLOPs, decoding reads and kernel launches at the H100 figures."""
+    compute = record["flops"] / (H100["bf16 FLOP/s"] * H100["FLOP share"])
+    reads = record["bytes"] / (H100["bytes/s"] * H100["bandwidth share"])
+    return compute + reads + record["kernels"] * H100["s per kernel"]
+
+
+def keep_in_place(layer, adapter_name: str, device=None) -> None:
+    """peft moves a new adapter to its base layer's device and dtype, then back to fp32 (autocast_adapter_dtype);
+    fake tensors cannot be moved in a module, and are already where that ends: fp32, on the base's device."""
+
+
+def swap_unless_alike(param, applied) -> None:
+    """Module.to() swaps a fake parameter with its converted copy, which FakeTensorMode forbids; the adapters' moves
+    to their own device and dtype change nothing, so nothing is swapped (any other move fails here)."""
+    assert (param.shape, param.dtype, param.device) == (applied.shape, applied.dtype, applied.device), "a real move"
+
+
+def predict(shapes: dict, workload: dict, dtype: torch.dtype = torch.bfloat16, script: str = "sso.py") -> dict:
+    """The route on fake tensors: each phase's peak bytes, FLOPs and predicted seconds; the run's peak (GiB)."""
+    real = {name: getattr(module, name) for module, name in ORIGINALS}
+    hf_logging.set_verbosity_error()  # generate's checks of fake values (all True here) would warn
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake_run, flop_counter = FakeRun(workload["new_tokens"], shapes["vocab_size"]), FlopCounterMode(display=False)
+        policy, tokenizer = build(shapes, torch.device("cpu"), dtype, fake=True)
+        for tensor in [*policy.parameters(), *policy.buffers()]:
+            fake_run.track(tensor)
+
+        def counters() -> dict:
+            peak = fake_run.peak
+            return {
+                "flops": flop_counter.get_total_flops(),
+                "kernels": fake_run.kernels,
+                "peak": peak,
+                "reserved": peak,
+            }
+
+        def reset() -> None:
+            fake_run.peak = fake_run.now
+
+        stats = watch_phases(counters, reset, fake=True)
+        move, swap = BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.utils.swap_tensors
+        BaseTunerLayer._move_adapter_to_device_of_base_layer = keep_in_place  # fake tensors cannot be swapped
+        torch.utils.swap_tensors = swap_unless_alike
+        try:
+            with flop_counter, fake_run:
+                run_route(policy, tokenizer, workload, script)
+        finally:
+            BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.utils.swap_tensors = move, swap
+            for (module, name), function in zip(ORIGINALS, real.values()):
+                setattr(module, name, function)
+            del LlamaForCausalLM._has_unfinished_sequences  # the class's own again
+    phases = {label: {"peak_gib": r["peak"] / 2**30, "seconds": predicted_seconds(r), "tflop": r["flops"] / 1e12}
+              for label, r in stats.items()}  # fmt: skip
+    return {"phases": phases, "peak_gib": max(p["peak_gib"] for p in phases.values())}
+
+
+ORIGINALS = [(sso, name) for name in ("select_features", "sample_responses", "reference_logps", "train_epoch")]
+ORIGINALS += [(sso, "generate_batched"), (sso, "held_out_check"), (sso, "held_out_data")]
+ORIGINALS += [(sso_generator, "train_generator"), (sso_generator, "train_policy")]
+
+
+def iteration_with_check(shapes: dict, device: torch.device, dtype: torch.dtype, workload: dict) -> dict:
+    """sso.py's held-out data from π_0, one iteration and the held-out check, run for real on the device: seconds,
+    peak allocated and reserved memory of each phase (GiB; on a CPU, the peak is not measured: nan)."""
+    cuda = device.type == "cuda"
+    real = {name: getattr(module, name) for module, name in ORIGINALS}
     policy, tokenizer = build(shapes, device, dtype)
-    seconds = {"build": time.time() - started}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    calls = record_calls()
-    log = lambda record, line: print(line)  # noqa: E731
-    held = sso.held_out_data(Path(tempfile.mkdtemp()), policy, tokenizer, held_queries, principles, args, log, 0)
-    policy, triples, record = sso.run_iteration(policy, tokenizer, queries, principles, args, 1, log)
-    sso.held_out_check(policy, tokenizer, held, args, 1, log)
-    for name in ("held_out_data", "select_features", "reference_logps", "train_epoch"):
-        seconds[name] = seconds_in(calls, name, outside="held_out_data" if name != "held_out_data" else None)
-    seconds["sampling"] = seconds_in(calls, "sample_responses", outside="held_out_data")
-    seconds["held_out_check"] = seconds_in(calls, "held_out_check", outside="held_out_data")
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+    def counters() -> dict:
+        peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+        reserved = torch.cuda.max_memory_reserved() if cuda else float("nan")
+        return {"flops": 0, "kernels": 0, "peak": peak, "reserved": reserved}
+
+    def reset() -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    stats = watch_phases(counters, reset, fake=False)
+    try:
+        record = run_route(policy, tokenizer, workload, "sso.py")
+    finally:
+        for (module, name), function in zip(ORIGINALS, real.values()):
+            setattr(module, name, function)
     return {
-        "seconds": seconds,
-        "peak_gib": peak,
+        "seconds": {label: r["seconds"] for label, r in stats.items()},
+        "peak_gib": {label: r["peak"] / 2**30 for label, r in stats.items()},
+        "reserved_gib": {label: r["reserved"] / 2**30 for label, r in stats.items()},
         "record": record,
-        "params": sum(p.numel() for p in policy.parameters()),
     }
+
+
+def measured_on_cpu(script: str) -> None:
+    """--measure (in a process of its own): a real run of the SmolLM2-135M-shaped model at CPU_CHECK in fp32; prints
+    the growth of the process's peak resident memory from before the model was built (GiB)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    policy, tokenizer = build(SMOLLM2_135M, torch.device("cpu"), torch.float32)
+    run_route(policy, tokenizer, CPU_CHECK, script)
+    print(json.dumps({"growth_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before}))
+
+
+def check_on_cpu() -> None:
+    """The trace of the SmolLM2-135M-shaped route beside a real run of it (fp32, this CPU), both scripts."""
+    print(
+        "| script | predicted peak GiB | measured: growth of peak RSS, GiB | measured / predicted |\n|---|---|---|---|"
+    )
+    for script in ("sso.py", "sso_generator.py"):
+        predicted = predict(SMOLLM2_135M, CPU_CHECK, torch.float32, script)["peak_gib"]
+        command = [sys.executable, __file__, "--measure", script]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        growth = json.loads(done.stdout.strip().splitlines()[-1])["growth_gib"]
+        print(f"| {script} | {predicted:.2f} | {growth:.2f} | {growth / predicted:.2f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU in bf16, to check the script")
-    parser.add_argument("--prompts-per-iter", type=int, default=16)
-    parser.add_argument("--eval-prompts", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=1)
-    cli = parser.parse_args()
-    device = torch.device("cpu" if cli.tiny else "cuda")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(cli).items() if k != "tiny"]
-    result = iteration_with_check(TINY if cli.tiny else LLAMA31_8B, device, torch.bfloat16, flags)
-    print(
-        f"\ndevice {device} | {result['params'] / 1e9:.2f} B parameters, fp32 weights, bf16 compute | "
-        f"{cli.prompts_per_iter} prompts, {cli.eval_prompts} held out, {cli.max_new_tokens} new tokens, "
-        f"LoRA r={cli.lora_rank}, batch {cli.batch_size}, {result['record']['kept']} triples kept"
+    parser.add_argument("--predict", action="store_true", help="predict on fake tensors (any machine)")
+    parser.add_argument("--tiny", action="store_true", help="small shapes and budgets, to check the script")
+    parser.add_argument(
+        "--check-on-cpu", action="store_true", help="the trace beside a real run, SmolLM2-135M's shapes"
     )
-    print("| phase | seconds |\n|---|---|")
-    for phase, seconds in result["seconds"].items():
-        print(f"| {phase} | {seconds:.1f} |")
-    print(f"peak GPU memory (max_memory_allocated): {result['peak_gib']:.1f} GiB")
+    parser.add_argument("--measure", choices=("sso.py", "sso_generator.py"), help=argparse.SUPPRESS)  # its real run
+    cli = parser.parse_args()
+    if cli.measure or cli.check_on_cpu:
+        hf_logging.set_verbosity_error()
+        if cli.measure:
+            measured_on_cpu(cli.measure)
+        else:
+            check_on_cpu()
+        return
+    shapes = TINY if cli.tiny else LLAMA31_8B
+    tiny = TINY_WORKLOAD
+    workloads = {"tiny": tiny} if cli.tiny else {"the README's 8B command": README_8B, "64 x 512": WORKLOAD_64x512}
+    if not cli.predict:
+        if not torch.cuda.is_available():
+            sys.exit("error: no CUDA device here; --predict runs on any machine")
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+        workload = tiny if cli.tiny else WORKLOAD_64x512
+        predicted = predict(shapes, workload, dtype)["phases"]
+        result = iteration_with_check(shapes, torch.device("cuda"), dtype, workload)
+        print("| phase | seconds (predicted) | peak allocated GiB (predicted) | peak reserved GiB |\n|---|---|---|---|")
+        for label, seconds in result["seconds"].items():
+            guess = predicted.get(label, {"seconds": float("nan"), "peak_gib": float("nan")})
+            peak, reserved = result["peak_gib"][label], result["reserved_gib"][label]
+            print(
+                f"| {label} | {seconds:.1f} ({guess['seconds']:.1f}) | {peak:.1f} ({guess['peak_gib']:.1f}) | {reserved:.1f} |"
+            )
+        return
+    for name, workload in workloads.items():
+        for script in ("sso.py", "sso_generator.py"):
+            started = time.time()
+            result = predict(shapes, workload, torch.bfloat16, script)
+            sizes = f"{workload['eval_prompts']} held out, {workload['new_tokens']} new tokens, " + (
+                f"{workload['prompts']} prompts" if script == "sso.py"
+                else f"{workload['generator_prompts']} + {workload['policy_prompts']} prompts"
+            )  # fmt: skip
+            print(f"\n{script}, {name} ({sizes}), bf16 base, LoRA r=16: peak {result['peak_gib']:.1f} GiB")
+            print("| phase | peak GiB | TFLOP | predicted seconds |\n|---|---|---|---|")
+            for label, phase in result["phases"].items():
+                print(f"| {label} | {phase['peak_gib']:.1f} | {phase['tflop']:.0f} | {phase['seconds']:.1f} |")
+            print(f"(traced in {time.time() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,30 @@
 """Checks the GPU route of sso.py, sso_generator.py and the experiments scripts, one line per check, then a verdict.
 
-    python benchmarks/check_gpu.py          # one CUDA GPU: checks on a tiny random Llama, then one 8B-shaped iteration
+    python benchmarks/check_gpu.py          # one CUDA GPU: checks on a tiny random Llama, then the 8B-shaped iteration
     python benchmarks/check_gpu.py --cpu    # the same checks on the CPU in bf16, tiny shapes for the 8B (the tests)
 
 Each check runs the code a user runs, in this process, on a tiny random Llama (Llama-3.1-8B's vocabulary, small
-layers) saved to a temporary folder, on the device:
-- sso.py's CLI with --device auto --dtype auto (--cpu: cpu, bfloat16), two iterations of LoRA with batches of two:
-  the resolved device and dtype in config.json; the held-out margin of iteration 0 (π_0 against itself) is 0; at
-  step 1 of each iteration every pair's margin is 0 (the reference and the training pass score the same batches);
-  each merged policy computes, in fp32, what the adapted policy did; the saved weights are fp32; --resume redoes a
-  removed iteration 2 with the same triples and held-out margin;
-- full fine-tuning (--lora-rank 0) for one iteration: every linear weight moved (fp32 master weights);
+layers) saved to a temporary folder, on the device, in the precision the run computes in (bf16 where the GPU has it,
+fp32 where it only emulates it; --cpu: bf16). Nothing is upcast before it is compared.
+- sso.py's CLI with --device auto --dtype auto, two LoRA iterations with batches of two: the resolved device and dtype
+  in config.json; the held-out margin of iteration 0 (π_0 against itself) is 0; at step 1 of each iteration every
+  pair's margin is 0 (the reference and the training pass score the same batches; a GPU's kernels may leave 1e-3);
+  each iteration returns exactly the function its training optimized (stacked adapters, no merge); the iteration
+  folders hold fp32 adapters alone, and rebuild that function exactly; --merge writes an fp32 model that computes,
+  in fp32, what the stacked adapters do; --resume redoes a removed iteration 2 with the same triples and margin;
+- full fine-tuning (--lora-rank 0, fp32 weights) at its learning rate 5e-5: every linear weight moved;
 - sso_generator.py end to end (the generator, then the policy, then the held-out check);
 - experiments/margin_parts.py on the run folder (its config says the device), contrast.py --device, and
   offline.py / reward_model.py where TRL is installed;
-- then one iteration of the Llama-3.1-8B-shaped model with the held-out check (benchmarks/bench_gpu_8b.py): seconds
-  per phase and peak GPU memory.
+- then one iteration of a Llama-3.1-8B-shaped model at 64 prompts x 512 new tokens with the held-out check
+  (benchmarks/bench_gpu_8b.py): seconds per phase and peak memory, allocated and reserved, beside the prediction
+  of `bench_gpu_8b.py --predict`; a crash there is a failed check, and the verdict line still comes.
 On a lent machine: pip install datasets first (its wheel carried in), as sso.py reads prompts with it.
 """
 
 import argparse
-import copy
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -29,19 +32,22 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is built or saved in this process
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
-from bench_gpu_8b import LLAMA31_8B, TINY, build, iteration_with_check  # noqa: E402
+from bench_gpu_8b import LLAMA31_8B, TINY, TINY_WORKLOAD, WORKLOAD_64x512, build, iteration_with_check, predict  # noqa: E402
 
 import sso  # noqa: E402
 import sso_generator  # noqa: E402
 
-SMALL_RUN = ["--prompts-per-iter", "3", "--eval-prompts", "4", "--max-new-tokens", "8", "--lr", "1e-3"]
+SMALL_RUN = ["--prompts-per-iter", "3", "--eval-prompts", "4", "--max-new-tokens", "8"]
 RESULTS = []  # (passed, name, detail)
+PROBE = [[128000, 5, 17, 300, 4000, 9, 77]]  # any ids: the function, not a text
 
 
 def check(name: str, passed: bool, detail: str = "") -> None:
@@ -49,58 +55,75 @@ def check(name: str, passed: bool, detail: str = "") -> None:
     print(f"{'PASS' if passed else 'FAIL'} | {name} | {detail}", flush=True)
 
 
-def fp32_logits(model, input_ids):
-    copied = copy.deepcopy(model).float()
-    copied.compute_dtype = torch.float32
+def logits(model) -> torch.Tensor:
+    """What the model computes, as the run computes it: in its own precision."""
     with torch.no_grad():
-        return copied(input_ids=input_ids).logits.cpu()
+        return model(input_ids=torch.tensor(PROBE, device=model.device)).logits.float().cpu()
 
 
 def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def lora_cli_run(model: str, run: Path, precision: list[str], device: str) -> None:
-    """sso.py's CLI, two LoRA iterations in bf16; the merge is watched from inside."""
-    probe = torch.tensor([[128000, 5, 17, 300, 4000]], device=device)  # any ids: the function, not a text
-    merges, real_train_model, real_train_epoch = [], sso.train_model, sso.train_epoch
+def lora_cli_run(model: str, run: Path, precision: list[str], want: tuple[str, str]) -> None:
+    """sso.py's CLI, two LoRA iterations; what training optimized and what each iteration returns, watched inside."""
+    trained, returned = [], {}
+    real_train_epoch, real_save = sso.train_epoch, sso.save_iteration
 
-    def train_epoch(model, *rest):  # the adapted policy, before its merge
+    def train_epoch(model, *rest):
         out = real_train_epoch(model, *rest)
-        merges.append({"adapted": fp32_logits(model, probe)})
+        trained.append(logits(model))
         return out
 
-    def train_model(model, *rest, **kwargs):
-        initial = fp32_logits(model, probe)
-        model, means = real_train_model(model, *rest, **kwargs)
-        merges[-1] |= {"initial": initial, "returned": fp32_logits(model, probe)}
-        return model, means
+    def save_iteration(folder, policy, *rest):
+        returned[folder.name] = logits(policy)
+        return real_save(folder, policy, *rest)
 
-    sso.train_epoch, sso.train_model = train_epoch, train_model
+    sso.train_epoch, sso.save_iteration = train_epoch, save_iteration
     try:
-        sso.main(
-            ["--model", model, "--iters", "2", "--batch-size", "2", *SMALL_RUN, *precision, "--output-dir", str(run)]
-        )
+        argv = ["--model", model, "--iters", "2", "--batch-size", "2", *SMALL_RUN, "--lr", "1e-3", *precision]
+        sso.main([*argv, "--output-dir", str(run)])
     finally:
-        sso.train_epoch, sso.train_model = real_train_epoch, real_train_model
+        sso.train_epoch, sso.save_iteration = real_train_epoch, real_save
     config = json.loads((run / "config.json").read_text())
-    want = ("cuda", "bfloat16") if device == "cuda" else ("cpu", "bfloat16")
-    check(
-        "config.json keeps the resolved device and dtype",
-        (config["device"], config["dtype"]) == want,
-        f"{config['device']}, {config['dtype']}",
-    )
+    got = (config["device"], config["dtype"])
+    check("config.json keeps the resolved device and dtype", got == want, f"{got}, expected {want}")
     logged = records(run)
     first = next(r for r in logged if r["type"] == "held_out" and r["iter"] == 0)
     check("held-out margin of π_0 against itself is 0", first["heldout_margin"] == 0, f"{first['heldout_margin']}")
     steps = [r for r in logged if r["type"] == "step" and r["step"] == 1]
     margins = [r[f"margin_{pair}"] for r in steps for pair in sso.PAIRS]
-    check("every pair's margin is 0 at step 1", len(steps) == 2 and margins == [0.0] * 6, f"{margins}")
-    off = [((m["returned"] - m["adapted"]).norm() / (m["adapted"] - m["initial"]).norm()).item() for m in merges]
-    detail = "off by " + ", ".join(f"{100 * x:.2f}%" for x in off) + " of the trained change (fp32 logits)"
-    check("each merged policy computes what the adapted one did", len(off) == 2 and max(off) < 1e-2, detail)
-    dtypes = {str(t.dtype) for t in load_file(str(run / "iter_2" / "model.safetensors")).values()}
-    check("saved weights are fp32 (what training learned)", dtypes == {"torch.float32"}, ", ".join(sorted(dtypes)))
+    tolerance = 0 if want[0] == "cpu" else 1e-3
+    check("every pair's margin is 0 at step 1", len(steps) == 2 and max(map(abs, margins)) <= tolerance, f"{margins}")
+    gaps = [(returned[f"iter_{t}"] - trained[t - 1]).abs().max().item() for t in (1, 2)]
+    detail = f"largest logit difference {max(gaps)} in {config['dtype']}"
+    check("each iteration returns exactly the function it trained", len(trained) == 2 and max(gaps) == 0, detail)
+    sizes, dtypes, files = [], set(), []
+    for t in (1, 2):
+        folder = run / f"iter_{t}"
+        files += [p.relative_to(run).as_posix() for p in folder.rglob("*.safetensors")]
+        for path in folder.rglob("adapter_model.safetensors"):
+            sizes.append(path.stat().st_size / 2**20)
+            dtypes |= {str(tensor.dtype) for tensor in load_file(str(path)).values()}
+    only_adapters = all(name.endswith("adapter_model.safetensors") for name in files) and len(files) == 3
+    detail = f"{len(files)} adapter files, {sum(sizes):.1f} MiB in all, {', '.join(sorted(dtypes))}"
+    check("iteration folders hold fp32 adapters alone", only_adapters and dtypes == {"torch.float32"}, detail)
+    args = sso.parse_args(precision)
+    rebuilt, _ = sso.load_model(str(run / "iter_2"), args)
+    gap = (logits(rebuilt) - returned["iter_2"]).abs().max().item()
+    check("a saved iteration rebuilds the same function", gap == 0, f"largest logit difference {gap}")
+    sso.main(["--merge", str(run / "iter_2"), *precision])
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "iter_2" / "merged").to(args.device)
+    stacked, _ = sso.load_model(str(run / "iter_2"), sso.argparse.Namespace(**vars(args) | {"dtype": "float32"}))
+    off = ((logits(merged) - logits(stacked)).norm() / logits(stacked).norm()).item()
+    detail = f"{merged.dtype}, relative difference {off:.1e} (both fp32)"
+    check(
+        "--merge writes an fp32 model computing what the adapters do",
+        merged.dtype == torch.float32 and off < 1e-5,
+        detail,
+    )
 
 
 def resume_check(run: Path) -> None:
@@ -116,47 +139,22 @@ def resume_check(run: Path) -> None:
     )
 
 
-def full_fine_tuning(model: str, run: Path, precision: list[str]) -> None:
-    sso.main(
-        [
-            "--model",
-            model,
-            "--iters",
-            "1",
-            "--lora-rank",
-            "0",
-            "--lr",
-            "5e-5",
-            *SMALL_RUN,
-            *precision,
-            "--output-dir",
-            str(run),
-        ]
-    )
+def full_fine_tuning(model: str, run: Path, device: str) -> None:
+    """Every weight trains, in fp32 (sso.py refuses bf16 weights here), at the learning rate full fine-tuning uses."""
+    argv = ["--model", model, "--iters", "1", "--lora-rank", "0", "--lr", "5e-5", *SMALL_RUN, "--device", device]
+    sso.main([*argv, "--output-dir", str(run)])
+    config = json.loads((run / "config.json").read_text())
     start, end = load_file(str(Path(model) / "model.safetensors")), load_file(str(run / "iter_1" / "model.safetensors"))
     linear = [name for name in start if name.endswith("proj.weight")]
+    assert {start[n].dtype for n in linear} == {end[n].dtype for n in linear} == {torch.float32}  # same precision
     moved = sum((start[n] != end[n]).sum().item() for n in linear) / sum(start[n].numel() for n in linear)
-    check("full fine-tuning moves every linear weight", moved > 0.99, f"{100 * moved:.1f}% moved")
+    detail = f"{100 * moved:.1f}% moved at lr {config['lr']}, {config['dtype']} weights"
+    check("full fine-tuning moves every linear weight", moved > 0.99 and config["lr"] == 5e-5, detail)
 
 
 def generator_run(model: str, run: Path, precision: list[str]) -> None:
-    sso_generator.main(
-        [
-            "--model",
-            model,
-            "--generator-prompts",
-            "3",
-            "--policy-prompts",
-            "4",
-            "--eval-prompts",
-            "4",
-            "--max-new-tokens",
-            "8",
-            *precision,
-            "--output-dir",
-            str(run),
-        ]
-    )
+    argv = ["--model", model, "--generator-prompts", "3", "--policy-prompts", "4", "--eval-prompts", "4"]
+    sso_generator.main([*argv, "--max-new-tokens", "8", *precision, "--output-dir", str(run)])
     logged = records(run)
     finished = (run / "generator").is_dir() and (run / "policy").is_dir()
     last = [r for r in logged if r["type"] == "held_out"][-1]
@@ -172,20 +170,8 @@ def experiments(model: str, run: Path, device: str) -> None:
     gap = abs(rows[-1]["mean"] - logged["heldout_margin"])
     check("experiments/margin_parts.py on the run's device", gap < 1e-3, f"margin {rows[-1]['mean']:+.4f}")
     principles = str(ROOT / "data" / "smollm2_principles.json")  # one feature: one contrast
-    found = contrast.main(
-        [
-            "--model",
-            model,
-            "--principles",
-            principles,
-            "--num-prompts",
-            "2",
-            "--max-new-tokens",
-            "8",
-            "--device",
-            device,
-        ]
-    )
+    argv = ["--model", model, "--principles", principles, "--num-prompts", "2", "--max-new-tokens", "8"]
+    found = contrast.main([*argv, "--device", device])
     check("experiments/contrast.py --device " + device, found is None, "ran")
     try:
         import trl  # noqa: F401
@@ -200,6 +186,28 @@ def experiments(model: str, run: Path, device: str) -> None:
         check(f"experiments/{script.__name__}.py on the run's device", True, "ran")
 
 
+def eight_b_iteration(cpu: bool, dtype: torch.dtype) -> None:
+    """One iteration of the 8B-shaped model at 64 x 512 (--cpu: tiny shapes and budgets), beside the prediction."""
+    shapes, workload = (TINY, TINY_WORKLOAD) if cpu else (LLAMA31_8B, WORKLOAD_64x512)
+    predicted = predict(shapes, workload, dtype)["phases"]
+    result = iteration_with_check(shapes, torch.device("cpu" if cpu else "cuda"), dtype, workload)
+    print(f"{'tiny' if cpu else '8B'}-shaped iteration: measured (predicted)")
+    for label, seconds in result["seconds"].items():
+        guess = predicted.get(label, {"seconds": float("nan"), "peak_gib": float("nan")})
+        peak, reserved = result["peak_gib"][label], result["reserved_gib"][label]
+        line = f"  {label}: {seconds:.1f} s ({guess['seconds']:.1f} s) | peak allocated {peak:.1f} GiB "
+        print(line + f"({guess['peak_gib']:.1f} GiB) | reserved {reserved:.1f} GiB")
+    peak, reserved = max(result["peak_gib"].values()), max(result["reserved_gib"].values())
+    guess = max(phase["peak_gib"] for phase in predicted.values())
+    detail = f"{result['record']['kept']} triples kept; peak allocated {peak:.1f} GiB (predicted {guess:.1f}), "
+    check(
+        "8B-shaped iteration with the held-out check", "loss" in result["record"], detail + f"reserved {reserved:.1f}"
+    )
+    if not cpu:
+        off = abs(peak - guess) / peak
+        check("the predicted peak is within 15% of the measured one", off < 0.15, f"off by {100 * off:.0f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="the checks on the CPU in bf16, a tiny model for the 8B")
@@ -207,31 +215,29 @@ def main() -> None:
     device = "cpu" if cli.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here; --cpu runs the checks on the CPU")
+    bf16 = cli.cpu or torch.cuda.is_bf16_supported(including_emulation=False)  # a T4 only emulates it: fp32
+    dtype = "bfloat16" if bf16 else "float32"
     precision = ["--device", "cpu", "--dtype", "bfloat16"] if cli.cpu else ["--device", "auto", "--dtype", "auto"]
     folder = Path(tempfile.mkdtemp(prefix="sso-check-"))
     model, tokenizer = build(TINY, torch.device(device), torch.float32)
     model.save_pretrained(folder / "tiny")
     tokenizer.save_pretrained(folder / "tiny")
+    tiny = str(folder / "tiny")
     started = time.time()
     for name, step in (
-        ("sso.py, LoRA", lambda: lora_cli_run(str(folder / "tiny"), folder / "lora", precision, device)),
+        ("sso.py, LoRA", lambda: lora_cli_run(tiny, folder / "lora", precision, (device, dtype))),
         ("sso.py --resume", lambda: resume_check(folder / "lora")),
-        ("sso.py, full fine-tuning", lambda: full_fine_tuning(str(folder / "tiny"), folder / "full", precision)),
-        ("sso_generator.py", lambda: generator_run(str(folder / "tiny"), folder / "v2", precision)),
-        ("experiments/", lambda: experiments(str(folder / "tiny"), folder / "lora", device)),
+        ("sso.py, full fine-tuning", lambda: full_fine_tuning(tiny, folder / "full", device)),
+        ("sso_generator.py", lambda: generator_run(tiny, folder / "v2", precision)),
+        ("experiments/", lambda: experiments(tiny, folder / "lora", device)),
+        ("8B-shaped iteration", lambda: eight_b_iteration(cli.cpu, getattr(torch, dtype))),
     ):
         try:
             step()
         except BaseException as err:  # a crash is a failed check (SystemExit from a CLI included), not the end
             traceback.print_exc()
             check(name, False, f"raised {err!r:.200}")
-    print(f"tiny-model checks: {time.time() - started:.0f} s")
-    shapes = TINY if cli.cpu else LLAMA31_8B
-    flags = ["--prompts-per-iter", "2", "--eval-prompts", "2", "--max-new-tokens", "8"] if cli.cpu else []
-    result = iteration_with_check(shapes, torch.device(device), torch.bfloat16, flags)
-    print("8B-shaped iteration" if not cli.cpu else "tiny-shaped iteration (--cpu)", end=" | ")
-    print(" | ".join(f"{phase} {seconds:.1f} s" for phase, seconds in result["seconds"].items()), end=" | ")
-    print(f"peak GPU memory {result['peak_gib']:.1f} GiB")
+    print(f"checks: {time.time() - started:.0f} s")
     failed = [name for passed, name, _ in RESULTS if not passed]
     print(f"verdict: {'FAIL' if failed else 'PASS'} ({len(RESULTS) - len(failed)} of {len(RESULTS)} checks passed)")
     shutil.rmtree(folder, ignore_errors=True)
