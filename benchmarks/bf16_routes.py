@@ -1,17 +1,22 @@
 """What bf16 does to what training learns, measured on SmolLM2-135M-Instruct on the CPU (sso.py NOTE(impl) 13, 14).
 
-    python benchmarks/bf16_routes.py            # about 6 minutes on 2 CPU cores
+    python benchmarks/bf16_routes.py            # several minutes on 2 CPU cores
 
-Each measurement sets the route sso.py used before (bf16 weights) beside the one it uses now (fp32 weights, bf16
-compute under autocast), everything else equal, and compares in fp32:
-1. one LoRA iteration (4 queries, rank 16, the defaults otherwise) at lr 3e-4 and 5e-5: how far the policy the
-   iteration returns (adapters merged) is from the adapted policy it trained, as a share of the trained change
-   |logits(returned) − logits(adapted)| / |logits(adapted) − logits(initial)| on a held-out query;
-2. full fine-tuning, 12 AdamW steps at lr 5e-5 on the same triples: the share of linear-layer weights left unchanged;
-3. the LM head in bf16 against fp32 on the same hidden states: the largest difference in a token's log-prob;
-4. one triple scored alone and in a padded batch of four (bf16): the largest difference in mean token log-prob.
+Every comparison is made in the precision the run computes in: f is the logits on a held-out query as the route
+computes them (nothing is upcast first, which would hide what bf16 rounds away).
+1. One LoRA iteration (4 queries, rank 16, the defaults otherwise) at lr 3e-4 and 5e-5. How far the policy the
+   iteration returns is from the one its training optimized, as a share of the trained change,
+   E = |f(returned) − f(trained)| / |f(trained) − f(initial)|, for three routes:
+   - fp32 weights, bf16 autocast, adapters merged (sso.py's route before: the forward pass rounds W + ΔW to bf16);
+   - bf16 weights, adapters merged into them (the route before that);
+   - bf16 base, fp32 adapters stacked, never merged (sso.py now).
+2. Full fine-tuning, 12 AdamW steps at lr 5e-5 on the same triples: the share of linear-layer weights left unchanged,
+   in bf16 weights and in fp32 weights (why sso.py's full fine-tuning keeps fp32 weights).
+3. The LM head in bf16 against fp32 on the same bf16 hidden states: the largest difference in a token's log-prob.
+4. One triple scored alone and in a padded batch of four (bf16): the largest difference in mean token log-prob.
 """
 
+import copy
 import sys
 from pathlib import Path
 
@@ -19,8 +24,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from check_gpu import fp32_logits  # noqa: E402  (what a model computes, in fp32)
-
 import sso  # noqa: E402
 
 QUERIES = [
@@ -31,49 +34,53 @@ QUERIES = [
 ]
 
 
-def load(route: str, args):
-    """sso.py's model in a route: "bf16 weights" (the earlier one) or "fp32 weights, bf16 compute" (today's)."""
-    model, tokenizer = sso.load_model(args.model or sso.default_model(), args)
-    if route == "bf16 weights":
-        model = model.to(torch.bfloat16)
-        model.compute_dtype = torch.float32  # no autocast: every op in the weights' bf16
-        model.lm_head.forward = BF16Head(model.lm_head)  # as it was: the head in bf16, its output cast to fp32
-    return model, tokenizer
+def logits(model, ids) -> torch.Tensor:
+    """What the model computes, as the run computes it (any autocast around the call applies)."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
 
 
-class BF16Head:
-    """The LM head of the earlier route: bf16 hidden states and weights, logits rounded to bf16."""
-
-    def __init__(self, head):
-        self.weight = head.weight
-
-    def __call__(self, hidden):
-        return F.linear(hidden.to(self.weight.dtype), self.weight).float()
-
-
-def lora_error(route: str, lr: str) -> float:
-    args = sso.parse_args(["--dtype", "bfloat16", "--lr", lr, "--device", "cpu", "--max-new-tokens", "48"])
-    policy, tokenizer = load(route, args)
+def lora_errors(lr: str, autocast: bool) -> dict[str, float]:
+    """One LoRA iteration; E of the returned policy for each route this run gives. autocast: fp32 weights computing
+    in bf16 under autocast (the route before); else a bf16 base (now), whose merge into bf16 weights is the route
+    before that."""
+    dtype = "float32" if autocast else "bfloat16"
+    args = sso.parse_args(["--dtype", dtype, "--lr", lr, "--device", "cpu", "--max-new-tokens", "48"])
+    policy, tokenizer = sso.load_model(args.model or sso.default_model(), args)
     ids = torch.tensor([sso.chat_prompt_ids(tokenizer, "Name three colours of the rainbow.")])
-    initial, seen = fp32_logits(policy, ids), {}
-    real_train = sso.train_epoch
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    seen, real_train = {}, sso.train_epoch
 
     def spy(model, *rest):
         out = real_train(model, *rest)
-        seen["adapted"] = fp32_logits(model, ids)
+        seen["trained"] = logits(model, ids)
         return out
 
     sso.train_epoch = spy
     principles = sso.load_principles(args.principles)
     torch.manual_seed(0)
-    returned, _, _ = sso.run_iteration(policy, tokenizer, QUERIES, principles, args, 1, lambda r, s: None)
-    sso.train_epoch = real_train
-    return ((fp32_logits(returned, ids) - seen["adapted"]).norm() / (seen["adapted"] - initial).norm()).item()
+    try:
+        with precision:
+            initial = logits(policy, ids)
+            returned, _, _ = sso.run_iteration(policy, tokenizer, QUERIES, principles, args, 1, lambda r, s: None)
+            merged = logits(copy.deepcopy(returned).merge_and_unload(), ids)
+            stacked = logits(returned, ids)
+    finally:
+        sso.train_epoch = real_train
+    change = (seen["trained"] - initial).norm()
+    if autocast:
+        return {"fp32 weights, bf16 autocast, merged": ((merged - seen["trained"]).norm() / change).item()}
+    return {
+        "bf16 weights, merged": ((merged - seen["trained"]).norm() / change).item(),
+        "bf16 base, fp32 adapters stacked": ((stacked - seen["trained"]).norm() / change).item(),
+    }
 
 
-def full_unchanged(route: str) -> float:
-    args = sso.parse_args(["--dtype", "bfloat16", "--lora-rank", "0", "--lr", "5e-5", "--device", "cpu"])
-    policy, tokenizer = load(route, args)
+def full_unchanged(dtype: torch.dtype) -> float:
+    """12 AdamW steps of full fine-tuning in weights of this dtype: the share of linear-layer weights unchanged."""
+    args = sso.parse_args(["--lora-rank", "0", "--lr", "5e-5", "--device", "cpu"])
+    policy, tokenizer = sso.load_model(args.model or sso.default_model(), args)
+    policy = policy.to(dtype)  # bf16 weights: what sso.py refuses for full fine-tuning
     args.max_new_tokens, args.loop_filter = 32, "none"
     principles = sso.load_principles(args.principles)
     stop_ids = sso.stop_token_ids(policy, tokenizer)
@@ -96,12 +103,11 @@ def head_and_batch_differences() -> tuple[float, float]:
     ]
     starts = [len(sso.chat_prompt_ids(tokenizer, q)) for q in QUERIES]
     batch = sso.pad_batch(rows, starts, tokenizer.pad_token_id)
-    with torch.no_grad(), sso.compute_precision(model):
+    with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"][:1]).last_hidden_state[0]  # (T, H), bf16
         bf16_logps = F.log_softmax(model.lm_head(hidden).float(), -1)  # the head's matmul in bf16
-    fp32_logps = F.log_softmax(hidden.float() @ model.lm_head.weight.T, -1)
-    head = (bf16_logps - fp32_logps).abs().max().item()
-    with torch.no_grad():
+        fp32_logps = F.log_softmax(hidden.float() @ model.lm_head.weight.float().T, -1)
+        head = (bf16_logps - fp32_logps).abs().max().item()
         in_batch = sso.sequence_logps(model, **batch)
         alone = [sso.sequence_logps(model, **sso.pad_batch([row], [start], 0)) for row, start in zip(rows, starts)]
     means = in_batch[0] / in_batch[1]
@@ -109,17 +115,13 @@ def head_and_batch_differences() -> tuple[float, float]:
 
 
 def main() -> None:
-    torch.set_num_threads(torch.get_num_threads())
     for lr in ("3e-4", "5e-5"):
-        for route in ("bf16 weights", "fp32 weights, bf16 compute"):
-            print(
-                f"LoRA iteration, lr {lr}, {route}: returned policy off the trained one by "
-                f"{100 * lora_error(route, lr):.1f}% of the trained change"
-            )
-    for route in ("bf16 weights", "fp32 weights, bf16 compute"):
-        print(
-            f"full fine-tuning, 12 steps at lr 5e-5, {route}: {100 * full_unchanged(route):.1f}% of weights unchanged"
-        )
+        for autocast in (True, False):
+            for route, error in lora_errors(lr, autocast).items():
+                print(f"LoRA iteration, lr {lr}, {route}: off the trained policy by {100 * error:.1f}% of its change")
+    for dtype in (torch.bfloat16, torch.float32):
+        unchanged = 100 * full_unchanged(dtype)
+        print(f"full fine-tuning, 12 steps at lr 5e-5, {dtype} weights: {unchanged:.1f}% of weights unchanged")
     head, batch = head_and_batch_differences()
     print(f"LM head in bf16 vs fp32: up to {head:.4f} nats a token")
     print(f"a triple alone vs in a padded batch of 4 (bf16): up to {batch:.4f} nats a token (mean)")

@@ -183,6 +183,13 @@ def runs_of(rows: list[dict], settings: list[str], seeds: list[int] | None = Non
     return [latest[key] for key in sorted(latest)]
 
 
+def filings(rows: list[dict], settings: list[str], seed: int) -> list[dict]:
+    """Every filed run of these settings on this seed, in filing order: a rerun beside the runs it replaced."""
+    wanted = [setting_flags(SETTINGS[name]) for name in settings]
+    found = [row for row in rows if run_flags(row, seed=False) in wanted and row["seed"] == seed]
+    return [row | {"note": f"filed at {row.get('commit') or 'an uncommitted tree'}"} for row in found]
+
+
 def label(row: dict) -> str:
     script, *flags = run_flags(row, seed=False)
     words = " ".join(flags) or "the default command"
@@ -320,6 +327,7 @@ def report(rows: list[dict], pages: list[Path], contrasts: Path, figures: Path, 
     tables["variants"] = table([row for row in rows if run_flags(row, seed=False) not in known])
     v2_rows = runs_of(rows, [name for name, flags in SETTINGS.items() if flags[:1] == [V2]], extra=extra)
     tables["v2-quality"] = quality_table(v2_rows)
+    tables["route"] = table(filings(rows, ["steer", "default"], 0))  # LoRA merged each iteration, then stacked
     figure_3 = ["v2-steer-pbaa", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-pbaa", "v2"]
     for page in pages:
         write_page(page, tables | contrast_tables(contrasts))
