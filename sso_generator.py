@@ -172,15 +172,16 @@ def written_principles(principle_model, tokenizer, triples: list, stage: int, lo
     return written
 
 
-def principled_triples(policy, tokenizer, queries, principles, args, stage: int, principle_model, log) -> list:
-    """x with its p+ / p- (step 1), before any response: the file's (sso.py's), or the principle model's."""
-    rng = random.Random(args.seed * 1000 + stage)  # per stage, so --resume reproduces an uninterrupted run
+def principled_triples(policy, tokenizer, queries, principles, args, key: int, principle_model, log) -> list:
+    """x with its p+ / p- (step 1), before any response: the file's (sso.py's), or the principle model's. key: 1 for
+    the generator's queries, 2 for the policy's in every variant, so that a query gets the same principles in each."""
+    rng = random.Random(args.seed * 1000 + key)  # and --resume reproduces an uninterrupted run
     stop_ids = sso.stop_token_ids(policy, tokenizer)
     picks = sso.select_features(policy, tokenizer, queries, principles, args, rng, stop_ids)
     systems = [sso.principle_system_prompts(features, principles) for features in picks]
     triples = [with_principles(tokenizer, q, f, s) for q, f, s in zip(queries, picks, systems)]
     if principle_model:
-        return written_principles(principle_model, tokenizer, triples, stage, log)
+        return written_principles(principle_model, tokenizer, triples, key, log)
     return triples
 
 
@@ -219,6 +220,11 @@ def data_quality(triples, ref: dict, stop_id: int) -> dict[str, float]:
 
 
 # --- The pipeline: steps 1-4, then the held-out check -----------------------------------------------------------------
+def generator_pairs(args) -> dict:
+    """The pairs of L+ and L- that --variant trains the generator on (formula3: the L- the paper rejects)."""
+    return GENERATOR_PAIRS | ({"neg": FORMULA_3} if args.variant == "formula3" else {})
+
+
 def stages(args) -> list[str]:
     return ["policy"] if args.variant == "pbaa" else ["generator", "policy"]
 
@@ -228,7 +234,7 @@ def train_generator(policy, tokenizer, queries, principles, args, principle_mode
     (frozen) with L_SSO. Returns (the generator, its triples, its record, its pairs)."""
     triples = principled_triples(policy, tokenizer, queries, principles, args, 1, principle_model, log)
     triples = sampled(policy, tokenizer, triples, args, ("chosen", "rejected", "plain"), "policy's samples", 1, log)
-    pairs = GENERATOR_PAIRS | ({"neg": FORMULA_3} if args.variant == "formula3" else {})
+    pairs = generator_pairs(args)
     pad_id = tokenizer.pad_token_id
     ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, pairs)  # the frozen policy's log-probs
     generator = copy.deepcopy(policy)  # NOTE(impl) 2: initialised from the policy
@@ -280,7 +286,7 @@ def run(args) -> Path:
         sso.save_iteration(out / "generator", generator, tokenizer, triples, record, [], pairs)
     # 4. the generator writes y+ under x+ and y- under x- for the policy's queries; the policy learns them
     stage = len(steps)
-    triples = principled_triples(policy, tokenizer, policy_queries, principles, args, stage, principle_model, log)
+    triples = principled_triples(policy, tokenizer, policy_queries, principles, args, 2, principle_model, log)
     who = "generator's data" if generator is not policy else "policy's own data (PBAA)"
     triples = sampled(generator, tokenizer, triples, args, ("chosen", "rejected"), who, stage, log)
     del generator

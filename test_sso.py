@@ -1388,7 +1388,11 @@ def test_gpu_check_script_passes_its_checks_on_the_cpu_in_bf16():
     assert result.returncode == 0 and len(lines) >= 10 and all(line.startswith("PASS") for line in lines), result.stdout
     names = ["every pair's margin is 0 at step 1", "each iteration returns exactly the function it trained"]
     names += ["iteration folders hold fp32 adapters alone", "a saved iteration rebuilds the same function"]
-    names += ["--merge writes an fp32 model", "--resume redoes iteration 2", "full fine-tuning moves every linear weight"]
+    names += [
+        "--merge writes an fp32 model",
+        "--resume redoes iteration 2",
+        "full fine-tuning moves every linear weight",
+    ]
     names += ["sso_generator.py", "8B-shaped iteration with the held-out check"]
     for name in names:
         assert any(name in line for line in lines), name
@@ -1949,6 +1953,110 @@ def test_v2_pbaa_skips_the_generator_and_variants_change_the_loss(tiny_dir, tmp_
         first = losses[variant]
         assert first["loss"] == pytest.approx(first[f"loss_{used}"] + 0.1 * first["loss_sft"], rel=1e-5)
         assert first[f"loss_{used}"] == pytest.approx(math.log(2), rel=1e-5)
+
+
+def pair_logps_from(values: dict) -> dict:
+    """sso.pair_logps-shaped values, {pair}_{side}_{sum|n|mean}, from sums and token counts given per key."""
+    out = {}
+    for key, (sums, counts) in values.items():
+        total, n = torch.tensor(sums), torch.tensor(counts)
+        out |= {f"{key}_sum": total, f"{key}_n": n, f"{key}_mean": total / n}
+    return out
+
+
+@pytest.mark.parametrize("variant", ["sso", "pos", "neg", "formula3"])
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_v2_each_variant_optimizes_the_terms_it_names(variant, loss):
+    """--variant → terms, on values where L+ and L- differ away from the start: each by hand from DPO on sums or IPO on
+    means, with γ = 0.3 (a γ ignored or fixed at 0.1 fails), L_sft on the chosen response's mean log-prob."""
+    policy = pair_logps_from({"pos_chosen": ([-10.0, -21.0], [5, 7]), "pos_rejected": ([-14.0, -18.0], [4, 6]),
+                              "neg_chosen": ([-6.0, -30.0], [3, 10]), "neg_rejected": ([-9.0, -27.0], [3, 9])})  # fmt: skip
+    reference = pair_logps_from({"pos_chosen": ([-11.0, -20.0], [5, 7]), "pos_rejected": ([-13.0, -19.0], [4, 6]),
+                                 "neg_chosen": ([-7.0, -31.0], [3, 10]), "neg_rejected": ([-8.0, -29.0], [3, 9])})  # fmt: skip
+    args = sso.parse_args(
+        ["--variant", variant, "--loss", loss, "--gamma", "0.3", "--beta", "0.2"], sso_generator.FLAGS
+    )
+    got, metrics_ = sso_generator.generator_objective(policy, reference, args)
+    kind = "sum" if loss == "dpo" else "mean"
+
+    def term(pair: str) -> list[float]:  # ℓ_pair + γ·(−mean log π(chosen)) per example
+        values = []
+        for i in range(2):
+            delta = (policy[f"{pair}_chosen_{kind}"][i] - policy[f"{pair}_rejected_{kind}"][i]).item()
+            delta -= (reference[f"{pair}_chosen_{kind}"][i] - reference[f"{pair}_rejected_{kind}"][i]).item()
+            ell = math.log(1 + math.exp(-0.2 * delta)) if loss == "dpo" else (delta - 1 / 0.4) ** 2
+            values.append(ell + 0.3 * -policy[f"{pair}_chosen_mean"][i].item())
+        return values
+
+    used = {"sso": ["pos", "neg"], "pos": ["pos"], "neg": ["neg"], "formula3": ["pos", "neg"]}[variant]
+    expected = sum(sum(term(pair)) for pair in used) / 2
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert len({round(sum(term(p)), 6) for p in ("pos", "neg")}) == 2  # the two terms are told apart
+    pairs = sso_generator.generator_pairs(args)  # which responses the neg terms score: Formula 3 swaps them
+    assert pairs["neg"] == (("neg", "rejected", "chosen") if variant == "formula3" else ("neg", "plain", "chosen"))
+    assert pairs["pos"] == ("pos", "chosen", "rejected")
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_v2_policy_objective_by_hand(loss):
+    """The policy's L_Base on (x; y+ ≻ y-): DPO on summed log-probs, IPO on means, no γ and no other pair."""
+    policy = pair_logps_from({"base_chosen": ([-10.0, -21.0], [5, 7]), "base_rejected": ([-14.0, -18.0], [4, 6])})
+    reference = pair_logps_from({"base_chosen": ([-12.0, -20.0], [5, 7]), "base_rejected": ([-13.0, -20.0], [4, 6])})
+    args = sso.parse_args(["--loss", loss, "--beta", "0.5", "--gamma", "0.7"], sso_generator.FLAGS)
+    got, metrics_ = sso_generator.policy_objective(policy, reference, args)
+    if loss == "dpo":
+        deltas = [(-10 + 14) - (-12 + 13), (-21 + 18) - (-20 + 20)]  # [3, -3]
+        expected = sum(math.log(1 + math.exp(-0.5 * d)) for d in deltas) / 2
+    else:
+        deltas = [(-2 + 3.5) - (-2.4 + 3.25), (-3 + 3) - (-20 / 7 + 20 / 6)]
+        expected = sum((d - 1) ** 2 for d in deltas) / 2  # 1/(2β) = 1
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert metrics_["margin_base"] == pytest.approx(sum(deltas) / 2, rel=1e-5)
+    assert metrics_["acc_base"] == sum(d > 0 for d in deltas) / 2
+
+
+@pytest.mark.parametrize("variant", ["sso", "pbaa"])
+def test_v2_the_policy_trains_on_the_samples_of_the_right_model(tiny_dir, tmp_path, monkeypatch, variant):
+    """SSO: the policy's triples are the generator's samples (y+ under x+, y- under x-); PBAA: the policy's own. A spy
+    records what each step consumed: the ids each sampler returned and the triples the policy's training scored."""
+    sampled, trained, real_sample, real_train = [], [], sso.sample_responses, sso.train_model
+
+    def spy_sample(model, tokenizer, triples, *rest, **kwargs):
+        out = real_sample(model, tokenizer, triples, *rest, **kwargs)
+        sampled.append((type(model).__name__, [dict(t.ids) for t in out]))
+        return out
+
+    def spy_train(model, triples, *rest, **kwargs):
+        trained.append([dict(t.ids) for t in triples])
+        return real_train(model, triples, *rest, **kwargs)
+
+    monkeypatch.setattr(sso, "sample_responses", spy_sample)
+    monkeypatch.setattr(sso, "train_model", spy_train)
+    argv = ["--model", tiny_dir, *V2_RUN, "--variant", variant, "--loop-filter", "none"]
+    sso_generator.main([*argv, "--output-dir", str(tmp_path / variant)])
+    held_out, *steps = sampled  # π_0's held-out samples first
+    policy_data = trained[-1]
+    if variant == "sso":
+        (policy_kind, own), (generator_kind, written) = steps
+        assert policy_kind == "LlamaForCausalLM" and generator_kind == "PeftModel"  # the trained generator
+        assert trained[0] == [ids for ids in own if ids in trained[0]] and len(trained) == 2
+    else:
+        ((policy_kind, written),) = steps
+        assert policy_kind == "LlamaForCausalLM" and len(trained) == 1
+    assert policy_data and all(ids in written for ids in policy_data)  # every pair the policy learns was written so
+    assert all(set(ids) == {"chosen", "rejected"} for ids in written)  # y+ and y- only: no yo for the policy
+
+
+def test_v2_every_variant_gives_a_query_the_same_principles(tiny_dir, tmp_path):
+    """The policy's queries get their features and p+ / p- from one key in every variant (PBAA has one step fewer)."""
+    systems = {}
+    for variant in ("pbaa", "sso"):
+        argv = ["--model", tiny_dir, *V2_RUN, "--variant", variant, "--output-dir", str(tmp_path / variant)]
+        sso_generator.main([*argv, "--loop-filter", "none", "--principles", str(HERE / "principles.json")])
+        rows = [json.loads(line) for line in (tmp_path / variant / "policy" / "triples.jsonl").read_text().splitlines()]
+        systems[variant] = {row["prompt"][-1]["content"]: (row["features"], row["pos_system"]) for row in rows}
+    shared = set(systems["pbaa"]) & set(systems["sso"])
+    assert shared and all(systems["pbaa"][query] == systems["sso"][query] for query in shared)
 
 
 def test_v2_principles_written_by_a_principle_model_or_the_files(tokenizer, principles, monkeypatch):
