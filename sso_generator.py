@@ -28,12 +28,16 @@ Choices the paper leaves open (each marked NOTE(impl) n where it happens):
  2. The generator is a copy of the policy trained with sso.py's route (a new fp32 LoRA adapter of rank 16 on the frozen
     base, or full fine-tuning with --lora-rank 0), one epoch; the policy likewise on the generator's data. lr 1e-4,
     not sso.py's 3e-4: DPO on summed log-probs at 3e-4 made the policy's answers loop (experiments/README.md, section 9).
- 3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2: 8k and 60k).
+ 3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2: 8k and 60k, the
+    policy's including the generator's).
  4. The generator's samples are filtered as sso.py filters its own (empty, identical or looping responses).
  5. With --principle-model, a few-shot prompt asks that model for a good and a bad guideline per query; where its
     answer has no usable pair, the principles file's p+ / p- are used, and counted.
  6. The data's quality (Figure 3) at the end: on-policy-ness, the mean of exp(mean token log π_0(y|x)) over chosen
     and rejected, and accuracy by two judges (data_quality): a length judge and π_0's own reading of p+ / p-.
+ 7. Step 1 takes p+ / p- from the principles file by default (sso.py's, for the features the policy picks): the
+    paper's writer (Qwen2.5-72B or 3B) is out of reach offline on a CPU; --principle-model asks a model instead.
+ 8. yo is sampled as y+ and y- are (temperature 0.7, top-p 0.8); the authors' scripts sample it greedily.
 """
 
 import copy
@@ -92,7 +96,7 @@ FLAGS += [
 
 # --- L_SSO = L+ + L-: a pure function of log-prob tensors (v2 Section 4.2) --------------------------------------------
 def generator_loss(policy: dict, reference: dict, *, beta=0.1, gamma=0.1, loss_type="dpo", use_pos=True, use_neg=True):
-    """L_SSO = L+ + L- with L± = L_Base(x±; chosen ≻ rejected) + γ·L_sft(x±, chosen) (v2 Eq. 1–2); use_pos / use_neg:
+    """L_SSO = L+ + L- with L± = L_Base(x±; chosen ≻ rejected) + γ·L_sft(x±, chosen) (v2 Section 4.2; L-: Eq. 4); use_pos / use_neg:
     the Table 3 ablations. Shape: every value of policy and reference (B,). Returns (the batch-mean loss, metrics)."""
     assert use_pos or use_neg, "L_SSO needs L+, L- or both"
     losses, margins, sft = {}, {}, {}
@@ -126,7 +130,7 @@ def generator_objective(policy_logps: dict, ref_logps: dict, args) -> tuple[torc
 
 
 def policy_objective(policy_logps: dict, ref_logps: dict, args) -> tuple[torch.Tensor, dict]:
-    """L_Base(x; y+ ≻ y-) alone (v2 Section 4.3): the policy learns from the generator's pairs as from any DPO data."""
+    """L_Base(x; y+ ≻ y-) alone (v2 Section 4.1): the policy learns from the generator's pairs as from any DPO data."""
     policy_in = sso.loss_inputs(policy_logps, args.loss, POLICY_PAIRS)
     ref_in = sso.loss_inputs(ref_logps, args.loss, POLICY_PAIRS)
     losses, margin = sso.preference_loss(
@@ -177,7 +181,7 @@ def principled_triples(policy, tokenizer, queries, principles, args, key: int, p
     the generator's queries, 2 for the policy's in every variant, so that a query gets the same principles in each."""
     rng = random.Random(args.seed * 1000 + key)  # and --resume reproduces an uninterrupted run
     stop_ids = sso.stop_token_ids(policy, tokenizer)
-    picks = sso.select_features(policy, tokenizer, queries, principles, args, rng, stop_ids)
+    picks = sso.select_features(policy, tokenizer, queries, principles, args, rng, stop_ids)  # NOTE(impl) 7
     systems = [sso.principle_system_prompts(features, principles) for features in picks]
     triples = [with_principles(tokenizer, q, f, s) for q, f, s in zip(queries, picks, systems)]
     if principle_model:
@@ -233,7 +237,8 @@ def train_generator(policy, tokenizer, queries, principles, args, principle_mode
     """Steps 1-3: x with p+ / p-; y+, y-, yo from the policy; the generator, a copy of the policy trained against it
     (frozen) with L_SSO. Returns (the generator, its triples, its record, its pairs)."""
     triples = principled_triples(policy, tokenizer, queries, principles, args, 1, principle_model, log)
-    triples = sampled(policy, tokenizer, triples, args, ("chosen", "rejected", "plain"), "policy's samples", 1, log)
+    responses = ("chosen", "rejected", "plain")  # y+, y-, yo: all three sampled alike (NOTE(impl) 8)
+    triples = sampled(policy, tokenizer, triples, args, responses, "policy's samples", 1, log)
     pairs = generator_pairs(args)
     pad_id = tokenizer.pad_token_id
     ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, pairs)  # the frozen policy's log-probs
