@@ -14,9 +14,11 @@ the generator's sampling for the policy's queries, and train_policy.
 --predict runs that code on fake tensors (torch's FakeTensorMode: shapes and dtypes, no memory) on the CPU device,
 where the attention kernel, like a GPU's, keeps no T x T matrix. A dispatch mode counts the bytes of every live
 storage (weights, adapters, gradients, AdamW states, KV cache, activations; the peak of each phase), the FLOPs
-(torch.utils.flop_counter) and the kernels launched, and decides what fake tensors cannot: every response runs to
---max-new-tokens without an end-of-turn token (random weights rarely emit it: the worst case for memory), with
-distinct token ids (so no triple is dropped), and every finite-loss check passes. Seconds are predicted at stated
+(torch.utils.flop_counter's formulas; the CPU attention kernel has none, a few % at these lengths) and the kernels
+launched, and decides what fake tensors cannot: every response runs to --max-new-tokens without an end-of-turn token
+(random weights rarely emit it: the worst case for memory), with distinct token ids (so no triple is dropped), and
+every finite-loss check passes. reference_logps and train_epoch trace one batch, the longest (the others are alike),
+and count the FLOPs and kernels of all. Seconds are predicted at stated
 H100 SXM figures (H100 below): FLOPs at 40% of bf16's dense peak, plus the bytes each decoding step reads (weights
 and KV cache) at 60% of the memory bandwidth, plus 10 µs per kernel launched (eager PyTorch, as generate runs).
 Not modelled: the CUDA context and cuBLAS workspaces (about 1 GiB), the caching allocator's fragmentation (what
@@ -41,7 +43,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import flop_registry
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
@@ -144,7 +146,7 @@ class FakeRun(TorchDispatchMode):
     def __init__(self, new_tokens: int, vocab_size: int):
         super().__init__()
         self.new_tokens, self.vocab_size, self.next_id = new_tokens, vocab_size, 0
-        self.live, self.now, self.peak, self.kernels = {}, 0, 0, 0
+        self.live, self.now, self.peak, self.kernels, self.flops = {}, 0, 0, 0, 0
 
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -177,6 +179,8 @@ class FakeRun(TorchDispatchMode):
             index = [torch.zeros(self.new_tokens, dtype=torch.long) if i is not None else i for i in args[1]]
             args = (args[0], index)
         out = func(*args, **kwargs)
+        if func.overloadpacket in flop_registry:  # FlopCounterMode's formulas (its module hooks would hold tensors)
+            self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self.track(tensor)
@@ -336,18 +340,17 @@ def predict(shapes: dict, workload: dict, dtype: torch.dtype = torch.bfloat16, s
     real = {name: getattr(module, name) for module, name in ORIGINALS}
     hf_logging.set_verbosity_error()  # generate's checks of fake values (all True here) would warn
     with FakeTensorMode(allow_non_fake_inputs=True):
-        fake_run, flop_counter = FakeRun(workload["new_tokens"], shapes["vocab_size"]), FlopCounterMode(display=False)
+        fake_run = FakeRun(workload["new_tokens"], shapes["vocab_size"])
         policy, tokenizer = build(shapes, torch.device("cpu"), dtype, fake=True)
         for tensor in [*policy.parameters(), *policy.buffers()]:
             fake_run.track(tensor)
 
         def counters() -> dict:
-            peak = fake_run.peak
             return {
-                "flops": flop_counter.get_total_flops(),
+                "flops": fake_run.flops,
                 "kernels": fake_run.kernels,
-                "peak": peak,
-                "reserved": peak,
+                "peak": fake_run.peak,
+                "reserved": fake_run.peak,
             }
 
         def reset() -> None:
@@ -358,7 +361,7 @@ def predict(shapes: dict, workload: dict, dtype: torch.dtype = torch.bfloat16, s
         BaseTunerLayer._move_adapter_to_device_of_base_layer = keep_in_place  # fake tensors cannot be swapped
         torch.utils.swap_tensors = swap_unless_alike
         try:
-            with flop_counter, fake_run:
+            with fake_run:
                 run_route(policy, tokenizer, workload, script)
         finally:
             BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.utils.swap_tensors = move, swap
