@@ -35,9 +35,12 @@ QUERIES = [
 
 
 def logits(model, ids) -> torch.Tensor:
-    """What the model computes, as the run computes it (any autocast around the call applies)."""
+    """What the model computes, as sso.sequence_logps computes it: the body in the route's precision (any autocast
+    around the call applies), then the LM head in fp32."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        hidden = causal_lm.model(input_ids=ids).last_hidden_state  # (1, T, H)
+        return hidden.float() @ causal_lm.lm_head.weight.float().T  # (1, T, V)
 
 
 def lora_errors(lr: str, autocast: bool) -> dict[str, float]:
