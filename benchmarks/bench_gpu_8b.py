@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gpu_8b.py --predict          # both scripts, the README's 8B command and 64 x 512 tokens
     python benchmarks/bench_gpu_8b.py --predict --tiny   # the same on small shapes, in seconds (a smoke test)
-    python benchmarks/bench_gpu_8b.py                    # one CUDA GPU: sso.py's iteration at 64 x 512, measured
+    python benchmarks/bench_gpu_8b.py --check-on-cpu     # the trace beside a real run of SmolLM2-135M's shapes
 
 The model is a random Llama of exactly Llama-3.1-8B's shapes (4096 hidden, 32 layers, 32/8 heads, 14336 MLP, 128,256
 vocabulary), built as sso.load_model leaves a model: bf16 weights, dropout off, gradient checkpointing on. The
@@ -24,8 +24,8 @@ and KV cache) at 60% of the memory bandwidth, plus 10 µs per kernel launched (e
 Not modelled: the CUDA context and cuBLAS workspaces (about 1 GiB), the caching allocator's fragmentation (what
 reserved adds to allocated; hence the 70 GiB target under 80 GB), and the host memory of loading.
 
-On a GPU the same iteration runs for real: seconds per phase, peak allocated and reserved memory per phase
-(torch.cuda.max_memory_allocated / max_memory_reserved), beside the prediction. benchmarks/check_gpu.py runs it.
+On a GPU, benchmarks/check_gpu.py runs sso.py's iteration for real (iteration_with_check): seconds, peak allocated
+and reserved memory of each phase (torch.cuda.max_memory_allocated / max_memory_reserved), beside the prediction.
 """
 
 import argparse
@@ -417,17 +417,30 @@ def measured_on_cpu(script: str) -> None:
     print(json.dumps({"growth_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before}))
 
 
+SHAPES = {"Llama-3.1-8B": LLAMA31_8B, "tiny": TINY, "SmolLM2-135M": SMOLLM2_135M}
+WORKLOADS = {"the README's 8B command": README_8B, "64 x 512": WORKLOAD_64x512, "tiny": TINY_WORKLOAD}
+WORKLOADS["the CPU check"] = CPU_CHECK
+
+
+def predicted(shapes: str, workload: str, script: str, dtype: str = "bfloat16") -> dict:
+    """predict() in a process of its own (a second trace in one process can crash torch as the first one's fake
+    storages are freed): --predict-one prints the result as JSON."""
+    command = [sys.executable, __file__, "--predict-one", shapes, workload, script, dtype]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def check_on_cpu() -> None:
     """The trace of the SmolLM2-135M-shaped route beside a real run of it (fp32, this CPU), both scripts."""
     print(
         "| script | predicted peak GiB | measured: growth of peak RSS, GiB | measured / predicted |\n|---|---|---|---|"
     )
     for script in ("sso.py", "sso_generator.py"):
-        predicted = predict(SMOLLM2_135M, CPU_CHECK, torch.float32, script)["peak_gib"]
+        predicted_peak = predicted("SmolLM2-135M", "the CPU check", script, "float32")["peak_gib"]
         command = [sys.executable, __file__, "--measure", script]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         growth = json.loads(done.stdout.strip().splitlines()[-1])["growth_gib"]
-        print(f"| {script} | {predicted:.2f} | {growth:.2f} | {growth / predicted:.2f} |", flush=True)
+        print(f"| {script} | {predicted_peak:.2f} | {growth:.2f} | {growth / predicted_peak:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -438,7 +451,12 @@ def main() -> None:
         "--check-on-cpu", action="store_true", help="the trace beside a real run, SmolLM2-135M's shapes"
     )
     parser.add_argument("--measure", choices=("sso.py", "sso_generator.py"), help=argparse.SUPPRESS)  # its real run
+    parser.add_argument("--predict-one", nargs=4, help=argparse.SUPPRESS)  # SHAPES WORKLOAD SCRIPT DTYPE: one trace
     cli = parser.parse_args()
+    if cli.predict_one:
+        shapes, workload, script, dtype = cli.predict_one
+        print(json.dumps(predict(SHAPES[shapes], WORKLOADS[workload], getattr(torch, dtype), script)))
+        return
     if cli.measure or cli.check_on_cpu:
         hf_logging.set_verbosity_error()
         if cli.measure:
@@ -446,28 +464,15 @@ def main() -> None:
         else:
             check_on_cpu()
         return
-    shapes = TINY if cli.tiny else LLAMA31_8B
-    tiny = TINY_WORKLOAD
-    workloads = {"tiny": tiny} if cli.tiny else {"the README's 8B command": README_8B, "64 x 512": WORKLOAD_64x512}
     if not cli.predict:
-        if not torch.cuda.is_available():
-            sys.exit("error: no CUDA device here; --predict runs on any machine")
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
-        workload = tiny if cli.tiny else WORKLOAD_64x512
-        predicted = predict(shapes, workload, dtype)["phases"]
-        result = iteration_with_check(shapes, torch.device("cuda"), dtype, workload)
-        print("| phase | seconds (predicted) | peak allocated GiB (predicted) | peak reserved GiB |\n|---|---|---|---|")
-        for label, seconds in result["seconds"].items():
-            guess = predicted.get(label, {"seconds": float("nan"), "peak_gib": float("nan")})
-            peak, reserved = result["peak_gib"][label], result["reserved_gib"][label]
-            print(
-                f"| {label} | {seconds:.1f} ({guess['seconds']:.1f}) | {peak:.1f} ({guess['peak_gib']:.1f}) | {reserved:.1f} |"
-            )
-        return
+        sys.exit("error: --predict traces the route; on a GPU, benchmarks/check_gpu.py runs it beside its prediction")
+    workloads = (
+        {"tiny": TINY_WORKLOAD} if cli.tiny else {"the README's 8B command": README_8B, "64 x 512": WORKLOAD_64x512}
+    )
     for name, workload in workloads.items():
         for script in ("sso.py", "sso_generator.py"):
             started = time.time()
-            result = predict(shapes, workload, torch.bfloat16, script)
+            result = predicted("tiny" if cli.tiny else "Llama-3.1-8B", name, script)
             sizes = f"{workload['eval_prompts']} held out, {workload['new_tokens']} new tokens, " + (
                 f"{workload['prompts']} prompts" if script == "sso.py"
                 else f"{workload['generator_prompts']} + {workload['policy_prompts']} prompts"
