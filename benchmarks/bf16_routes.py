@@ -7,7 +7,8 @@ computes them (nothing is upcast first, which would hide what bf16 rounds away).
 1. One LoRA iteration (4 queries, rank 16, the defaults otherwise) at lr 3e-4 and 5e-5. How far the policy the
    iteration returns is from the one its training optimized, as a share of the trained change,
    E = |f(returned) − f(trained)| / |f(trained) − f(initial)|, for three routes:
-   - fp32 weights, bf16 autocast, adapters merged (sso.py's route before: the forward pass rounds W + ΔW to bf16);
+   - fp32 weights, adapters merged (sso.py's route before: the body and generate under bf16 autocast, which rounds
+     W + ΔW to bf16 at every forward pass, the scoring head in fp32);
    - bf16 weights, adapters merged into them (the route before that);
    - bf16 base, fp32 adapters stacked, never merged (sso.py now).
 2. Full fine-tuning, 12 AdamW steps at lr 5e-5 on the same triples: the share of linear-layer weights left unchanged,
@@ -51,25 +52,39 @@ def lora_errors(lr: str, autocast: bool) -> dict[str, float]:
     args = sso.parse_args(["--dtype", dtype, "--lr", lr, "--device", "cpu", "--max-new-tokens", "48"])
     policy, tokenizer = sso.load_model(args.model or sso.default_model(), args)
     ids = torch.tensor([sso.chat_prompt_ids(tokenizer, "Name three colours of the rainbow.")])
-    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
-    seen, real_train = {}, sso.train_epoch
+    seen, real_train, real_generate, body_forward = (
+        {},
+        sso.train_epoch,
+        sso.generate_batched,
+        type(policy.model).forward,
+    )
 
     def spy(model, *rest):
         out = real_train(model, *rest)
         seen["trained"] = logits(model, ids)
         return out
 
-    sso.train_epoch = spy
+    def in_bf16(function):  # sso.py before: the body and generate under bf16 autocast, the scoring head in fp32
+        def wrapped(*args, **kwargs):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return function(*args, **kwargs)
+
+        return wrapped
+
+    sso.train_epoch, sso.generate_batched, type(policy.model).forward = (
+        spy,
+        in_bf16(real_generate),
+        in_bf16(body_forward),
+    )
     principles = sso.load_principles(args.principles)
     torch.manual_seed(0)
     try:
-        with precision:
-            initial = logits(policy, ids)
-            returned, _, _ = sso.run_iteration(policy, tokenizer, QUERIES, principles, args, 1, lambda r, s: None)
-            merged = logits(copy.deepcopy(returned).merge_and_unload(), ids)
-            stacked = logits(returned, ids)
+        initial = logits(policy, ids)
+        returned, _, _ = sso.run_iteration(policy, tokenizer, QUERIES, principles, args, 1, lambda r, s: None)
+        merged = logits(copy.deepcopy(returned).merge_and_unload(), ids)
+        stacked = logits(returned, ids)
     finally:
-        sso.train_epoch = real_train
+        sso.train_epoch, sso.generate_batched, type(policy.model).forward = real_train, real_generate, body_forward
     change = (seen["trained"] - initial).norm()
     if autocast:
         return {"fp32 weights, bf16 autocast, merged": ((merged - seen["trained"]).norm() / change).item()}
@@ -118,10 +133,13 @@ def head_and_batch_differences() -> tuple[float, float]:
 
 
 def main() -> None:
+    routes = (True,) if "--autocast-only" in sys.argv else (True, False)  # --autocast-only: sso.py's route before
     for lr in ("3e-4", "5e-5"):
-        for autocast in (True, False):
+        for autocast in routes:
             for route, error in lora_errors(lr, autocast).items():
                 print(f"LoRA iteration, lr {lr}, {route}: off the trained policy by {100 * error:.1f}% of its change")
+    if "--autocast-only" in sys.argv:
+        return
     for dtype in (torch.bfloat16, torch.float32):
         unchanged = 100 * full_unchanged(dtype)
         print(f"full fine-tuning, 12 steps at lr 5e-5, {dtype} weights: {unchanged:.1f}% of weights unchanged")
