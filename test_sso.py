@@ -2015,45 +2015,41 @@ def test_v2_policy_objective_by_hand(loss):
     assert metrics_["acc_base"] == sum(d > 0 for d in deltas) / 2
 
 
-@pytest.mark.parametrize("variant", ["sso", "pbaa"])
-def test_v2_the_policy_trains_on_the_samples_of_the_right_model(tiny_dir, tmp_path, monkeypatch, variant):
+def test_v2_the_policy_trains_on_the_right_samples_and_every_variant_gives_a_query_the_same_principles(
+    tiny_dir, tmp_path, monkeypatch
+):
     """SSO: the policy's triples are the generator's samples (y+ under x+, y- under x-); PBAA: the policy's own. A spy
-    records what each step consumed: the ids each sampler returned and the triples the policy's training scored."""
-    sampled, trained, real_sample, real_train = [], [], sso.sample_responses, sso.train_model
+    records what each step consumed: the ids each sampler returned and the triples the policy's training scored. The
+    policy's queries get their features and p+ / p- from one key in every variant (PBAA has one step fewer)."""
+    real_sample, real_train, systems = sso.sample_responses, sso.train_model, {}
+    for variant in ("sso", "pbaa"):
+        sampled, trained = [], []
 
-    def spy_sample(model, tokenizer, triples, *rest, **kwargs):
-        out = real_sample(model, tokenizer, triples, *rest, **kwargs)
-        sampled.append((type(model).__name__, [dict(t.ids) for t in out]))
-        return out
+        def spy_sample(model, tokenizer, triples, *rest, **kwargs):
+            out = real_sample(model, tokenizer, triples, *rest, **kwargs)
+            sampled.append((type(model).__name__, [dict(t.ids) for t in out]))
+            return out
 
-    def spy_train(model, triples, *rest, **kwargs):
-        trained.append([dict(t.ids) for t in triples])
-        return real_train(model, triples, *rest, **kwargs)
+        def spy_train(model, triples, *rest, **kwargs):
+            trained.append([dict(t.ids) for t in triples])
+            return real_train(model, triples, *rest, **kwargs)
 
-    monkeypatch.setattr(sso, "sample_responses", spy_sample)
-    monkeypatch.setattr(sso, "train_model", spy_train)
-    argv = ["--model", tiny_dir, *V2_RUN, "--variant", variant, "--loop-filter", "none"]
-    sso_generator.main([*argv, "--output-dir", str(tmp_path / variant)])
-    held_out, *steps = sampled  # π_0's held-out samples first
-    policy_data = trained[-1]
-    if variant == "sso":
-        (policy_kind, own), (generator_kind, written) = steps
-        assert policy_kind == "LlamaForCausalLM" and generator_kind == "PeftModel"  # the trained generator
-        assert trained[0] == [ids for ids in own if ids in trained[0]] and len(trained) == 2
-    else:
-        ((policy_kind, written),) = steps
-        assert policy_kind == "LlamaForCausalLM" and len(trained) == 1
-    assert policy_data and all(ids in written for ids in policy_data)  # every pair the policy learns was written so
-    assert all(set(ids) == {"chosen", "rejected"} for ids in written)  # y+ and y- only: no yo for the policy
-
-
-def test_v2_every_variant_gives_a_query_the_same_principles(tiny_dir, tmp_path):
-    """The policy's queries get their features and p+ / p- from one key in every variant (PBAA has one step fewer)."""
-    systems = {}
-    for variant in ("pbaa", "sso"):
-        argv = ["--model", tiny_dir, *V2_RUN, "--variant", variant, "--output-dir", str(tmp_path / variant)]
-        sso_generator.main([*argv, "--loop-filter", "none", "--principles", str(HERE / "principles.json")])
-        rows = [json.loads(line) for line in (tmp_path / variant / "policy" / "triples.jsonl").read_text().splitlines()]
+        monkeypatch.setattr(sso, "sample_responses", spy_sample)
+        monkeypatch.setattr(sso, "train_model", spy_train)
+        out = tmp_path / variant
+        sso_generator.main(["--model", tiny_dir, *V2_RUN, "--variant", variant, "--loop-filter", "none",
+                            "--principles", str(HERE / "principles.json"), "--output-dir", str(out)])  # fmt: skip
+        held_out, *steps = sampled  # π_0's held-out samples first
+        if variant == "sso":
+            (policy_kind, own), (generator_kind, written) = steps
+            assert policy_kind == "LlamaForCausalLM" and generator_kind == "PeftModel"  # the trained generator
+            assert len(trained) == 2 and all(ids in own for ids in trained[0])  # the generator learns the policy's
+        else:
+            ((policy_kind, written),) = steps
+            assert policy_kind == "LlamaForCausalLM" and len(trained) == 1
+        assert trained[-1] and all(ids in written for ids in trained[-1])  # every pair the policy learns, written so
+        assert all(set(ids) == {"chosen", "rejected"} for ids in written)  # y+ and y- only: no yo for the policy
+        rows = [json.loads(line) for line in (out / "policy" / "triples.jsonl").read_text().splitlines()]
         systems[variant] = {row["prompt"][-1]["content"]: (row["features"], row["pos_system"]) for row in rows}
     shared = set(systems["pbaa"]) & set(systems["sso"])
     assert shared and all(systems["pbaa"][query] == systems["sso"][query] for query in shared)
