@@ -30,6 +30,7 @@ and reserved memory of each phase (torch.cuda.max_memory_allocated / max_memory_
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -348,8 +349,9 @@ def swap_unless_alike(param, applied) -> None:
     assert (param.shape, param.dtype, param.device) == (applied.shape, applied.dtype, applied.device), "a real move"
 
 
-def predict(shapes: dict, workload: dict, dtype: torch.dtype = torch.bfloat16, script: str = "sso.py") -> dict:
-    """The route on fake tensors: each phase's peak bytes, FLOPs and predicted seconds; the run's peak (GiB)."""
+def predict(shapes: dict, workload: dict, dtype: torch.dtype = torch.bfloat16, script: str = "sso.py", report=None):
+    """The route on fake tensors: each phase's peak bytes, FLOPs and predicted seconds; the run's peak (GiB).
+    report: called with the result as soon as the route has run (freeing the fake tensors afterwards has crashed)."""
     real = {name: getattr(module, name) for module, name in ORIGINALS}
     hf_logging.set_verbosity_error()  # generate's checks of fake values (all True here) would warn
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -376,11 +378,19 @@ def predict(shapes: dict, workload: dict, dtype: torch.dtype = torch.bfloat16, s
         try:
             with fake_run:
                 run_route(policy, tokenizer, workload, script)
+            result = summary(stats)
+            if report:
+                report(result)
         finally:
             BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.utils.swap_tensors = move, swap
             for (module, name), function in zip(ORIGINALS, real.values()):
                 setattr(module, name, function)
             del LlamaForCausalLM._has_unfinished_sequences  # the class's own again
+    return result
+
+
+def summary(stats: dict) -> dict:
+    """Each phase's peak (GiB), predicted seconds and TFLOP, and the run's peak."""
     phases = {label: {"peak_gib": r["peak"] / 2**30, "seconds": predicted_seconds(r), "tflop": r["flops"] / 1e12}
               for label, r in stats.items()}  # fmt: skip
     return {"phases": phases, "peak_gib": max(p["peak_gib"] for p in phases.values())}
@@ -474,7 +484,12 @@ def main() -> None:
     cli = parser.parse_args()
     if cli.predict_one:
         shapes, workload, script, dtype = cli.predict_one
-        print(json.dumps(predict(SHAPES[shapes], WORKLOADS[workload], getattr(torch, dtype), script)))
+
+        def report(result: dict) -> None:
+            print(json.dumps(result), flush=True)
+
+        predict(SHAPES[shapes], WORKLOADS[workload], getattr(torch, dtype), script, report)
+        os._exit(0)  # the JSON is out; the fake tensors need not be freed
         return
     if cli.measure or cli.check_on_cpu:
         hf_logging.set_verbosity_error()
