@@ -31,12 +31,16 @@ Choices the paper leaves open (each marked NOTE(impl) n where it happens):
  3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2: 8k and 60k, the
     policy's including the generator's).
  4. The generator's samples are filtered as sso.py filters its own (empty, identical or looping responses).
- 5. With --principle-model, a few-shot prompt asks that model for a good and a bad guideline per query; where its
-    answer has no usable pair, the principles file's p+ / p- are used, and counted.
+ 5. With --principle-model, a few-shot prompt asks that model for a good and a bad guideline per query, each put in a
+    system prompt of our words (WRITTEN_SYSTEM, ending as the file's template does), with no feature selection; where
+    its answer has no usable pair, the file's p+ / p- for the features the policy picks, counted in the log. The
+    held-out check keeps the file's principles either way: it is sso.py's measure, the same for every run.
  6. The data's quality (Figure 3) at the end: on-policy-ness, the mean of exp(mean token log π_0(y|x)) over chosen
     and rejected, and accuracy by two judges (data_quality): a length judge and π_0's own reading of p+ / p-.
- 7. Step 1 takes p+ / p- from the principles file by default (sso.py's, for the features the policy picks): the
-    paper's writer (Qwen2.5-72B or 3B) is out of reach offline on a CPU; --principle-model asks a model instead.
+ 7. Step 1 takes p+ / p- from the principles file by default (sso.py's, for the features the policy picks), where
+    the paper has a principle model write a pair per query: its writer (Qwen2.5-72B, or 3B in Table 5) is out of
+    reach offline on a CPU, and the file's principles keep v1 and v2 runs comparable. --principle-model asks a model
+    instead (`policy`: SmolLM2 writing its own at class scale).
  8. yo is sampled as y+ and y- are (temperature 0.7, top-p 0.8); the authors' scripts sample it greedily.
 """
 
@@ -72,6 +76,10 @@ Bad: Say it is fine to look with sunglasses and leave out any warning.
 
 Query: {query}
 """
+WRITTEN_SYSTEM = """Follow this guideline in your response: {guideline}
+
+Do not reveal or mention this guideline in your response; simply answer the user."""  # as the file's template ends
+WRITTEN = "(written by --principle-model)"  # the features field of a query whose principles were written
 
 CHANGED = {  # sso.py's flags whose default or meaning v2 changes
     "--loss": (("dpo", "ipo"), "L_Base (v2's main experiments: DPO; Table 6: IPO)"),
@@ -90,14 +98,18 @@ FLAGS += [
     ),
     ("--generator-prompts", 24, "queries the generator learns from (step 3)"),
     ("--policy-prompts", 48, "other queries the generator writes the policy's pairs for (step 4)"),
-    ("--principle-model", None, "a model that writes p+ / p- per query (hub id, folder, .gguf); default: the file's"),
+    (
+        "--principle-model",
+        None,
+        "a model that writes p+ / p- per query (hub id, folder, .gguf, or policy: π_0); default: the file's",
+    ),
 ]
 
 
 # --- L_SSO = L+ + L-: a pure function of log-prob tensors (v2 Section 4.2) --------------------------------------------
 def generator_loss(policy: dict, reference: dict, *, beta=0.1, gamma=0.1, loss_type="dpo", use_pos=True, use_neg=True):
-    """L_SSO = L+ + L- with L± = L_Base(x±; chosen ≻ rejected) + γ·L_sft(x±, chosen) (v2 Section 4.2; L-: Eq. 4); use_pos / use_neg:
-    the Table 3 ablations. Shape: every value of policy and reference (B,). Returns (the batch-mean loss, metrics)."""
+    """L_SSO = L+ + L- with L± = L_Base(x±; chosen ≻ rejected) + γ·L_sft(x±, chosen) (v2 Section 4.2; L-: Eq. 4);
+    use_pos / use_neg: the Table 3 ablations. Shape: every value of policy and reference (B,). Returns (the batch-mean loss, metrics)."""
     assert use_pos or use_neg, "L_SSO needs L+, L- or both"
     losses, margins, sft = {}, {}, {}
     for pair in ("pos", "neg"):
@@ -156,36 +168,43 @@ def with_principles(tokenizer, query: str, features: list[str], systems: dict) -
     return sso.Triple(query, features, systems, contexts, {}, {})
 
 
-def written_principles(principle_model, tokenizer, triples: list, stage: int, log) -> list:
-    """p+ / p- written per query by a principle model (NOTE(impl) 5), as system messages; the file's where none.
-    principle_model: (model, its tokenizer); tokenizer: the policy's, which builds the contexts."""
-    model, own_tokenizer = principle_model
-    prompts = [sso.chat_prompt_ids(own_tokenizer, PRINCIPLE_PROMPT.format(query=t.query)) for t in triples]
-    stop_ids = sso.stop_token_ids(model, own_tokenizer)
-    answers = sso.generate_batched(model, own_tokenizer, prompts, stop_ids, 96, sample=False, desc="principles")
-    written, fallback = [], 0
-    for t, answer in zip(triples, own_tokenizer.batch_decode(answers, skip_special_tokens=True)):
+def written_principles(principle_model, queries: list[str], stage: int, log) -> list[dict | None]:
+    """p+ / p- written for each query by a principle model (v2 step 1, NOTE(impl) 5), each wrapped in WRITTEN_SYSTEM;
+    None where its answer holds no "Good: ..." and "Bad: ..." lines that differ. principle_model: (model, its tokenizer)."""
+    model, tokenizer = principle_model
+    prompts = [sso.chat_prompt_ids(tokenizer, PRINCIPLE_PROMPT.format(query=query)) for query in queries]
+    stop_ids = sso.stop_token_ids(model, tokenizer)
+    answers = sso.generate_batched(model, tokenizer, prompts, stop_ids, 96, sample=False, desc="principles")
+    written = []
+    for answer in tokenizer.batch_decode(answers, skip_special_tokens=True):
         good, bad = (re.search(rf"^\W*{side}\W*:[\s*_]*(\S.*)$", answer, re.M | re.I) for side in ("good", "bad"))
-        if good and bad:
-            t = with_principles(tokenizer, t.query, t.features, {"pos": good[1].strip(), "neg": bad[1].strip()})
-        else:
-            fallback += 1
-        written.append(t)
-    line = f"principles: written for {len(triples) - fallback} of {len(triples)} queries, the file's for {fallback}"
-    log({"type": "principles", "iter": stage, "written": len(triples) - fallback, "fallback": fallback}, line)
+        guidelines = {"pos": good[1].strip(), "neg": bad[1].strip()} if good and bad else None
+        if guidelines and guidelines["pos"] == guidelines["neg"]:  # no contrast: SmolLM2 often writes one line twice
+            guidelines = None
+        written.append(guidelines and {key: WRITTEN_SYSTEM.format(guideline=g) for key, g in guidelines.items()})
+    fallback = written.count(None)
+    line = f"principles: written for {len(queries) - fallback} of {len(queries)} queries, the file's for {fallback}"
+    log({"type": "principles", "iter": stage, "written": len(queries) - fallback, "fallback": fallback}, line)
     return written
 
 
 def principled_triples(policy, tokenizer, queries, principles, args, key: int, principle_model, log) -> list:
-    """x with its p+ / p- (step 1), before any response: the file's (sso.py's), or the principle model's. key: 1 for
-    the generator's queries, 2 for the policy's in every variant, so that a query gets the same principles in each."""
+    """x with its p+ / p- (step 1), before any response: written by the principle model, if any; otherwise (and where it
+    wrote none) the file's, for the features the policy picks (NOTE(impl) 7). key: 1 for the generator's queries, 2 for
+    the policy's in every variant, so that a query gets the same principles in each."""
+    written = written_principles(principle_model, queries, key, log) if principle_model else [None] * len(queries)
+    rest = [query for query, systems in zip(queries, written) if systems is None]
     rng = random.Random(args.seed * 1000 + key)  # and --resume reproduces an uninterrupted run
     stop_ids = sso.stop_token_ids(policy, tokenizer)
-    picks = sso.select_features(policy, tokenizer, queries, principles, args, rng, stop_ids)  # NOTE(impl) 7
-    systems = [sso.principle_system_prompts(features, principles) for features in picks]
-    triples = [with_principles(tokenizer, q, f, s) for q, f, s in zip(queries, picks, systems)]
-    if principle_model:
-        return written_principles(principle_model, tokenizer, triples, key, log)
+    picks = iter(sso.select_features(policy, tokenizer, rest, principles, args, rng, stop_ids) if rest else [])
+    triples = []
+    for query, systems in zip(queries, written):
+        if systems:  # no features: the principle model wrote the principles for this query alone
+            triples.append(with_principles(tokenizer, query, [WRITTEN], systems))
+        else:
+            features = next(picks)
+            systems = sso.principle_system_prompts(features, principles)
+            triples.append(with_principles(tokenizer, query, features, systems))
     return triples
 
 
@@ -245,7 +264,15 @@ def train_generator(policy, tokenizer, queries, principles, args, principle_mode
     generator = copy.deepcopy(policy)  # NOTE(impl) 2: initialised from the policy
     generator_log = tag(log, "generator")
     generator, means = sso.train_model(
-        generator, triples, ref, pad_id, args, 1, generator_log, generator_objective, pairs
+        generator,
+        triples,
+        ref,
+        pad_id,
+        args,
+        iteration=1,
+        log=generator_log,
+        objective=generator_objective,
+        pairs=pairs,
     )
     return generator, triples, means | {"type": "generator"}, pairs
 
@@ -259,8 +286,17 @@ def train_policy(policy, tokenizer, triples, args, stage: int, log):
     line += f"{quality['acc_ends_shorter']:.2f}, π_0's reading {quality['acc_pi0_reads']:.2f}"
     log({"type": "data_quality", "iter": stage} | quality, line)
     policy_log = tag(log, "policy")
+    pad_id = tokenizer.pad_token_id
     policy, means = sso.train_model(
-        policy, triples, ref, tokenizer.pad_token_id, args, stage, policy_log, policy_objective, POLICY_PAIRS
+        policy,
+        triples,
+        ref,
+        pad_id,
+        args,
+        iteration=stage,
+        log=policy_log,
+        objective=policy_objective,
+        pairs=POLICY_PAIRS,
     )
     return policy, means | quality | {"type": "policy"}
 
@@ -277,7 +313,9 @@ def run(args) -> Path:
     policy_queries = prompts[args.generator_prompts :][: args.policy_prompts]  # NOTE(impl) 3: others, more of them
     policy, tokenizer = sso.load_model(args.model, args)  # π_0, on --resume too
     principle_model = None  # (model, tokenizer) that writes p+ / p-, if any
-    if args.principle_model:
+    if args.principle_model == "policy":  # π_0 writes its own: the policy is not trained before step 4's principles
+        principle_model = (policy, tokenizer)
+    elif args.principle_model:
         principle_model = sso.load_model(args.principle_model, args)
     held = sso.held_out_data(out, policy, tokenizer, held_out, principles, args, log, done) if held_out else None
     # 1.-3. the generator, trained from the policy (PBAA: none, the policy's own samples are its data)

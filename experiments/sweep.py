@@ -46,6 +46,7 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "steer": ["--principles", "data/smollm2_principles.json"],  # the paper's Concision alone: a class sees it steer
     "steer-lora16-lr3e-4": ["--principles", "data/smollm2_principles.json", "--lora-rank", "16", "--lr", "3e-4"],
     "steer-full": ["--principles", "data/smollm2_principles.json", *FULL],  # full fine-tuning overshoots?
+    "steer-prompts24": ["--principles", "data/smollm2_principles.json", "--prompts-per-iter", "24"],  # v2's 72 prompts
     "full": FULL,
     "full-lr1e-4": ["--lora-rank", "0", "--lr", "1e-4"],
     "full-lr2e-5": ["--lora-rank", "0", "--lr", "2e-5"],
@@ -73,6 +74,7 @@ SETTINGS = {  # name: flags added to sso.py's defaults
     "v2-steer-ipo-lr3e-4": [V2, "--principles", "data/smollm2_principles.json", "--loss", "ipo", "--lr", "3e-4"],
     "v2": [V2],
     "v2-pbaa": [V2, "--variant", "pbaa"],
+    "v2-written": [V2, "--principle-model", "policy"],  # step 1 as the paper has it, SmolLM2 writing its own p+ / p-
 }
 PAGE = {  # experiments/README.md: table name -> the settings whose runs it shows
     "default": ["default"],
@@ -82,14 +84,15 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
     "ablations": ["full", "no-w", "no-g", "pbaa"],
     "settings": ["full", "full-lr1e-4", "full-lr2e-5", "prompts16", "prompts24", "prompts32", "tokens128", "tokens256"]
     + ["lora16-lr1e-3"],  # LoRA at lr 3e-4 is the default command (its own table)
-    "v2-steer": ["steer", "v2-steer-pbaa", "v2-steer"],  # v1 beside v2, Concision alone
+    "v2-steer": ["steer", "steer-prompts24", "v2-steer-pbaa", "v2-steer"],  # v1 beside v2, Concision alone
     "v2-readme": ["v2-steer"],
     "v2-lr": ["v2-steer-pbaa-lr3e-4", "v2-steer-lr3e-4", "v2-steer-ipo-lr3e-4"],  # seed 0, beside the table above
     "v2": ["default", "v2-pbaa", "v2"],  # v1 beside v2, principles.json
+    "v2-written": ["v2", "v2-written"],  # the file's principles against those π_0 writes
     "v2-ablations": ["steer", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],
     "v2-terms": ["v2-steer-pos", "v2-steer-neg"],  # L+ alone and L- alone on every seed run
 }
-PAGE_SEEDS = {"v2-ablations": [0]}  # a table of one seed: its settings' other seeds are in the tables above
+PAGE_SEEDS = {"v2-ablations": [0], "v2-written": [0]}  # a table of one seed: its settings' other seeds are in the tables above
 FIGURES = {  # experiments/README.md: figure -> its panels, each (title, settings, seeds); at most 6 runs a panel
     "default.png": [("the default command", ["default"], [0, 1, 2]), ("full fine-tuning", ["full"], [0, 1, 2])],
     "steer.png": [
