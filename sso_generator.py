@@ -224,18 +224,23 @@ def sampled(model, tokenizer, triples, args, responses, who: str, stage: int, lo
     return kept
 
 
-def data_quality(triples, ref: dict, stop_id: int) -> dict[str, float]:
-    """v2 Figure 3 for the policy's pairs (NOTE(impl) 6): how on-policy (exp of the mean token log π_0(y|x), over
-    chosen and rejected) and how accurate, by two judges: `ends_shorter`, the chosen ends and is shorter than the
-    rejected (what data/smollm2_principles.json's Concision asks for, checkable by eye; it favours short answers
-    whatever the principles); `pi0_reads`, π_0's own reading of the principles, log π_0(y|x+) − log π_0(y|x-) higher
-    for the chosen (it favours what the model already associates with p+, right or wrong)."""
-    likely = torch.cat([ref["base_chosen_mean"], ref["base_rejected_mean"]]).exp().mean().item()
+def data_quality(triples, ref: dict, stop_id: int, seed: int = 0) -> dict[str, float]:
+    """v2 Figure 3 for the policy's pairs (NOTE(impl) 6), each figure with its 95% bootstrap interval over the pairs
+    (`_low`, `_high`): how on-policy (exp of the mean token log π_0(y|x), over chosen and rejected) and how accurate, by
+    two judges: `ends_shorter`, the chosen ends and is shorter than the rejected (what data/smollm2_principles.json's
+    Concision asks for, checkable by eye; it favours short answers whatever the principles); `pi0_reads`, π_0's own
+    reading of the principles, log π_0(y|x+) − log π_0(y|x-) higher for the chosen (it favours what the model already
+    associates with p+, right or wrong, and so PBAA's pairs, which π_0 itself sampled under x+ and x-)."""
+    likely = (ref["base_chosen_mean"].exp() + ref["base_rejected_mean"].exp()) / 2  # (N,) per pair
     ends_shorter = [t.ids["chosen"][-1] == stop_id and len(t.ids["chosen"]) < len(t.ids["rejected"]) for t in triples]
     lean = ref["judge_pos_chosen_mean"] - ref["judge_neg_chosen_mean"]  # (N,) how much more p+-like y+ is under π_0
     lean_rejected = ref["judge_pos_rejected_mean"] - ref["judge_neg_rejected_mean"]
-    reads = (lean > lean_rejected).float().mean().item()
-    quality = {"onpolicy": likely, "acc_ends_shorter": sum(ends_shorter) / len(triples), "acc_pi0_reads": reads}
+    per_pair = {"onpolicy": likely, "acc_ends_shorter": torch.tensor(ends_shorter).float()}
+    per_pair["acc_pi0_reads"] = (lean > lean_rejected).float()
+    quality = {}
+    for key, values in per_pair.items():
+        low, high = sso.bootstrap_interval(values, seed)
+        quality |= {key: values.mean().item(), f"{key}_low": low, f"{key}_high": high}
     for side in ("chosen", "rejected"):  # what the judges look at, for reading the pairs
         quality[f"ended_{side}"] = sum(t.ids[side][-1] == stop_id for t in triples) / len(triples)
         quality[f"len_{side}"] = sum(len(t.ids[side]) for t in triples) / len(triples)
@@ -281,7 +286,7 @@ def train_policy(policy, tokenizer, triples, args, stage: int, log):
     """Step 4's second half: the policy learns (x: y+ ≻ y-) with L_Base alone, against its own frozen copy (π_0);
     the data's quality is measured on the way. Returns (the policy, its record)."""
     ref = sso.reference_logps(policy, triples, tokenizer.pad_token_id, args.batch_size, POLICY_PAIRS | JUDGE_PAIRS)
-    quality = data_quality(triples, ref, sso.stop_token_ids(policy, tokenizer)[0])
+    quality = data_quality(triples, ref, sso.stop_token_ids(policy, tokenizer)[0], args.seed)
     line = f"the policy's data | on-policy {quality['onpolicy']:.4f} | accurate: ends and shorter "
     line += f"{quality['acc_ends_shorter']:.2f}, π_0's reading {quality['acc_pi0_reads']:.2f}"
     log({"type": "data_quality", "iter": stage} | quality, line)

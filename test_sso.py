@@ -2101,6 +2101,12 @@ def test_v2_data_quality_by_hand(tokenizer):
     assert quality["acc_pi0_reads"] == 0.5  # leans +1 vs +0.5 (right), −1 vs 0 (wrong)
     assert (quality["ended_chosen"], quality["ended_rejected"]) == (0.5, 0.5)
     assert (quality["len_chosen"], quality["len_rejected"]) == (4.0, 3.0)
+    by_pair = {"onpolicy": [(math.exp(-1) + math.exp(-3)) / 2, (math.exp(-2) + math.exp(-4)) / 2],
+               "acc_ends_shorter": [1.0, 0.0], "acc_pi0_reads": [1.0, 0.0]}  # fmt: skip
+    for key, values in by_pair.items():  # each interval resamples the pairs' own values
+        interval = sso.bootstrap_interval(torch.tensor(values), 0)
+        assert (quality[f"{key}_low"], quality[f"{key}_high"]) == pytest.approx(interval)
+        assert quality[f"{key}_low"] <= quality[key] <= quality[f"{key}_high"]
 
 
 V2_BAD_INPUTS = {

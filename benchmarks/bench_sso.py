@@ -40,7 +40,8 @@ TIMED = ("load_model", "held_out_data", "select_features", "sample_responses", "
 TIMED += ("held_out_check", "generate_batched")
 HELD_OUT_KEYS = ("iter", "kept", "heldout_n", "heldout_margin", "heldout_low", "heldout_high", "heldout_acc")
 HELD_OUT_KEYS += ("heldout_len_plain", "heldout_ended", "heldout_looping", "heldout_restates")
-HELD_OUT_KEYS += ("onpolicy", "acc_ends_shorter", "acc_pi0_reads")  # sso_generator.py: its policy's data
+QUALITY = ("onpolicy", "acc_ends_shorter", "acc_pi0_reads")  # sso_generator.py: its policy's data, with intervals
+HELD_OUT_KEYS += tuple(f"{key}{end}" for key in QUALITY for end in ("", "_low", "_high"))
 HELD_OUT_KEYS += ("ended_chosen", "ended_rejected", "len_chosen", "len_rejected")
 
 

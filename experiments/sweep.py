@@ -92,7 +92,7 @@ PAGE = {  # experiments/README.md: table name -> the settings whose runs it show
     "v2-ablations": ["steer", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-steer-ipo"],
     "v2-terms": ["v2-steer-pos", "v2-steer-neg"],  # L+ alone and L- alone on every seed run
 }
-PAGE_SEEDS = {"v2-ablations": [0], "v2-written": [0]}  # a table of one seed: its settings' other seeds are in the tables above
+PAGE_SEEDS = {"v2-ablations": [0], "v2-written": [0]}  # tables of one seed: its other seeds are in the tables above
 FIGURES = {  # experiments/README.md: figure -> its panels, each (title, settings, seeds); at most 6 runs a panel
     "default.png": [("the default command", ["default"], [0, 1, 2]), ("full fine-tuning", ["full"], [0, 1, 2])],
     "steer.png": [
@@ -231,8 +231,10 @@ def quality_table(rows: list[dict]) -> str:
     cells = []
     for row in rows:
         first, last = row["iterations"][0], row["iterations"][-1]
-        run = [f"`{command(row)}`", f"{last['onpolicy']:.3f}", f"{last['acc_ends_shorter']:.2f}"]
-        run.append(f"{last['acc_pi0_reads']:.2f}")
+        run = [f"`{command(row)}`"]
+        for key, form in (("onpolicy", ".3f"), ("acc_ends_shorter", ".2f"), ("acc_pi0_reads", ".2f")):
+            interval = f" [{last[key + '_low']:{form}}, {last[key + '_high']:{form}}]" if key + "_low" in last else ""
+            run.append(f"{last[key]:{form}}{interval}")  # runs filed before intervals were logged: the figure alone
         for key, form in (("ended", ".2f"), ("len", ".0f")):  # runs filed before these were logged: "-"
             pair = [last.get(f"{key}_{side}") for side in ("chosen", "rejected")]
             run.append(" / ".join(f"{value:{form}}" for value in pair) if None not in pair else "-")
@@ -240,6 +242,12 @@ def quality_table(rows: list[dict]) -> str:
         run += [f"{first[key]:.2f} → {last[key]:.2f}" for key in ("heldout_ended", "heldout_looping")]
         cells.append(run)
     return markdown(header, cells)
+
+
+def variant_of(row: dict) -> str:
+    """How a run of sso_generator.py made its data: --variant, and who wrote the principles."""
+    written = row["config"].get("principle_model")
+    return f"--variant {row['config']['variant']}" + (f" --principle-model {written}" if written else "")
 
 
 def plot_quality(rows: list[dict], path: Path) -> None:
@@ -251,19 +259,23 @@ def plot_quality(rows: list[dict], path: Path) -> None:
 
     panels = [
         ("Concision alone: the chosen ends and is shorter", "acc_ends_shorter", "data/smollm2_principles.json"),
-        ("principles.json: π_0's reading of p+ / p-", "acc_pi0_reads", "principles.json"),
+        ("principles.json: π_0's reading of p+ / p- (favours PBAA)", "acc_pi0_reads", "principles.json"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(11, 4.2), squeeze=False)
     for axis, (title, key, principles) in zip(axes[0], panels):
         chosen = [row for row in rows if short_path(row["config"]["principles"]) == principles]
-        variants = sorted({row["config"]["variant"] for row in chosen})
+        variants = sorted({variant_of(row) for row in chosen})
         for number, variant in enumerate(variants):
-            points = [
-                (r["iterations"][-1]["onpolicy"], r["iterations"][-1][key])
-                for r in chosen
-                if r["config"]["variant"] == variant
-            ]
-            axis.scatter(*zip(*points), color=f"C{number}", label=f"--variant {variant} ({len(points)} seeds)")
+            runs = [row["iterations"][-1] for row in chosen if variant_of(row) == variant]
+            x, y = [run["onpolicy"] for run in runs], [run[key] for run in runs]
+            bars = {}  # 95% intervals, where the run logged them
+            if all(f"{key}_low" in run for run in runs):
+                bars["xerr"] = [[v - run["onpolicy_low"] for v, run in zip(x, runs)],
+                                [run["onpolicy_high"] - v for v, run in zip(x, runs)]]  # fmt: skip
+                bars["yerr"] = [[v - run[f"{key}_low"] for v, run in zip(y, runs)],
+                                [run[f"{key}_high"] - v for v, run in zip(y, runs)]]  # fmt: skip
+            label = f"{variant} ({len(runs)} seeds)"
+            axis.errorbar(x, y, **bars, fmt="o", color=f"C{number}", label=label, elinewidth=0.8, alpha=0.8)
         axis.set(title=title, xlabel="on-policy: mean exp(mean token log π_0(y|x))", ylabel="accuracy of the pairs")
         if variants:
             axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
@@ -332,6 +344,7 @@ def report(rows: list[dict], pages: list[Path], contrasts: Path, figures: Path, 
     tables["v2-quality"] = quality_table(v2_rows)
     tables["route"] = table(filings(rows, ["steer", "default"], 0))  # LoRA merged each iteration, then stacked
     figure_3 = ["v2-steer-pbaa", "v2-steer", "v2-steer-pos", "v2-steer-neg", "v2-steer-formula3", "v2-pbaa", "v2"]
+    figure_3 += ["v2-written"]
     for page in pages:
         write_page(page, tables | contrast_tables(contrasts))
     for name, panels in FIGURES.items():
