@@ -2109,6 +2109,43 @@ def test_v2_data_quality_by_hand(tokenizer):
         assert quality[f"{key}_low"] <= quality[key] <= quality[f"{key}_high"]
 
 
+def test_v2_the_judges_read_the_policy_data_through_pi0_end_to_end(tokenizer, monkeypatch):
+    """train_policy scores the policy's pairs with π_0 before it trains: each response under x (on-policy-ness) and
+    under x+ and x- (π_0's reading), as an independent unpadded forward pass finds; a spy records the log-probs the
+    judges consumed. The second pair is the first one swapped, so π_0's reading is right on exactly one of them."""
+    model = make_model(tokenizer)
+    good, bad = [10, 11, 12, EOT], [20, 21, 22, 23, 24]  # the first chosen ends and is shorter: Concision's judge
+    responses = [(good, bad), (bad, good), ([30, 31, EOT], [40, 41, 42, EOT])]
+    triples = []
+    for query, (chosen, rejected) in zip(("a b", "a b", "c"), responses):
+        t = sso_generator.with_principles(tokenizer, query, ["Concision"], {"pos": "Be brief.", "neg": "Ramble on."})
+        t.ids.update(chosen=chosen, rejected=rejected)
+        triples.append(t)
+    expected = {}  # {judge}_{side}_mean: π_0's mean token log-prob of each pair's response under its context
+    for key, context in (("base", "x"), ("judge_pos", "pos"), ("judge_neg", "neg")):
+        for side in ("chosen", "rejected"):
+            expected[f"{key}_{side}_mean"] = [naive_mean_logp(model, t.contexts[context], t.ids[side]) for t in triples]
+    consumed, real_quality = [], sso_generator.data_quality
+    monkeypatch.setattr(
+        sso_generator, "data_quality", lambda t, ref, *rest: consumed.append(ref) or real_quality(t, ref, *rest)
+    )
+    logged = []
+    args = sso.parse_args(["--lora-rank", "2"], sso_generator.FLAGS)
+    args.iters = 2
+    sso_generator.train_policy(model, tokenizer, triples, args, 2, lambda record, line: logged.append(record))
+    for key, values in expected.items():
+        assert consumed[0][key].tolist() == pytest.approx(values, abs=1e-5), key
+    lean = {side: [p - n for p, n in zip(expected[f"judge_pos_{side}_mean"], expected[f"judge_neg_{side}_mean"])]
+            for side in ("chosen", "rejected")}  # fmt: skip
+    reads = [chosen > rejected for chosen, rejected in zip(lean["chosen"], lean["rejected"])]
+    assert reads[0] != reads[1]  # the swapped pair: one of the two is read right
+    quality = next(record for record in logged if record["type"] == "data_quality")
+    assert quality["acc_pi0_reads"] == pytest.approx(sum(reads) / 3)
+    likely = [math.exp(v) for side in ("chosen", "rejected") for v in expected[f"base_{side}_mean"]]
+    assert quality["onpolicy"] == pytest.approx(sum(likely) / 6, rel=1e-5)
+    assert quality["acc_ends_shorter"] == pytest.approx(2 / 3)  # the first and third chosen end and are shorter
+
+
 V2_BAD_INPUTS = {
     "too many prompts": (["--generator-prompts", "90", "--policy-prompts", "90"], "--generator-prompts + --policy"),
     "unknown variant": (["--variant", "best"], "argument --variant: invalid choice"),
