@@ -451,6 +451,7 @@ def train_epoch(policy, triples, ref, pad_id, args, iteration, log, objective=ss
     batches = [list(range(start, min(start + size, len(triples)))) for start in range(0, len(triples), size)]
     batches = [batches[i] for i in torch.randperm(len(batches)).tolist()]
     history, started = [], time.time()
+    shown = next(iter(pairs))  # the pair whose accuracy and margin the step line shows: v1's base, v2's first term
     policy.train()  # dropout is already 0; train mode lets gradient checkpointing run
     with tqdm(total=len(triples), desc="training", unit="query", leave=False) as bar:  # closes on an error too
         for step, batch in enumerate(batches, 1):
@@ -463,10 +464,9 @@ def train_epoch(policy, triples, ref, pad_id, args, iteration, log, objective=ss
             optimizer.zero_grad(set_to_none=True)
             bar.update(len(batch))
             history.append(metrics)
-            first = next(iter(pairs))  # the pair whose accuracy and margin the line shows
             line = f"iter {iteration}/{args.iters} | step {step}/{len(batches)} | loss {metrics['loss']:.4f} | "
-            line += f"acc {metrics[f'acc_{first}']:.2f} | margin {metrics[f'margin_{first}']:.3f} | "
-            line += f"W {metrics['w']:.3f} | " if "w" in metrics else ""
+            line += f"acc {metrics[f'acc_{shown}']:.2f} | margin {metrics[f'margin_{shown}']:.3f} | "
+            line += f"W {metrics['w']:.3f} | " if "w" in metrics else ""  # v1's objective has a W, v2's have none
             log({"type": "step", "iter": iteration, "step": step, **metrics}, line + f"{time.time() - started:.1f} s")
     return history
 
@@ -695,7 +695,7 @@ def save_iteration(folder: Path, policy, tokenizer, triples, record: dict, answe
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)  # with LoRA: the adapters alone, their base named in their config
     tokenizer.save_pretrained(tmp)
-    rows, triple_rows = [], []  # every pair; the first pair (v1: base) with SSO's own keys
+    rows, triple_rows = [], []  # every pair; a row per triple: its first pair (v1's base) with SSO's own keys
     for t in triples:
         for pair, (context, good, bad) in pairs.items():
             prompt = chat_messages(tokenizer, t.query, t.systems.get(context))

@@ -87,6 +87,7 @@ CHANGED = {  # sso.py's flags whose default or meaning v2 changes
     "--gamma": (0.1, "γ: weight of L_sft in L+ and L-"),
     "--lr": (1e-4, "AdamW learning rate of the generator and of the policy (NOTE(impl) 2)"),
     "--resume": (False, "continue the run in --output-dir from its last finished step"),
+    "--batch-size": (1, "queries per optimizer step (generator: 2 pairs, 4 sequences each; policy: 1 pair, 2)"),
 }
 V1_ONLY = ("--iters", "--prompts-per-iter", "--alpha", "--no-w", "--no-g", "--merge")  # sso.py --merge: any saved model
 FLAGS = [(flag, *CHANGED.get(flag, (default, text))) for flag, default, text in sso.FLAGS if flag not in V1_ONLY]
