@@ -27,7 +27,7 @@ Choices the paper leaves open (each marked NOTE(impl) n where it happens):
     position of the padded sequence, prompt and padding included).
  2. The generator is a copy of the policy trained with sso.py's route (a new fp32 LoRA adapter of rank 16 on the frozen
     base, or full fine-tuning with --lora-rank 0), one epoch; the policy likewise on the generator's data. lr 1e-4,
-    not sso.py's 3e-4: DPO on summed log-probs at 3e-4 made the policy's answers loop (experiments/README.md, section 9).
+    not sso.py's 3e-4: DPO on summed log-probs at 3e-4 made the policy's answers loop (experiments/README.md, sec. 9).
  3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2: 8k and 60k, the
     policy's including the generator's).
  4. The generator's samples are filtered as sso.py filters its own (empty, identical or looping responses).
@@ -110,7 +110,8 @@ FLAGS += [
 # --- L_SSO = L+ + L-: a pure function of log-prob tensors (v2 Section 4.2) --------------------------------------------
 def generator_loss(policy: dict, reference: dict, *, beta=0.1, gamma=0.1, loss_type="dpo", use_pos=True, use_neg=True):
     """L_SSO = L+ + L- with L± = L_Base(x±; chosen ≻ rejected) + γ·L_sft(x±, chosen) (v2 Section 4.2; L-: Eq. 4);
-    use_pos / use_neg: the Table 3 ablations. Shape: every value of policy and reference (B,). Returns (the batch-mean loss, metrics)."""
+    use_pos / use_neg: the Table 3 ablations. Shape: every value of policy and reference (B,).
+    Returns (the batch-mean loss, metrics)."""
     assert use_pos or use_neg, "L_SSO needs L+, L- or both"
     losses, margins, sft = {}, {}, {}
     for pair in ("pos", "neg"):
@@ -171,7 +172,7 @@ def with_principles(tokenizer, query: str, features: list[str], systems: dict) -
 
 def written_principles(principle_model, queries: list[str], stage: int, log) -> list[dict | None]:
     """p+ / p- written for each query by a principle model (v2 step 1, NOTE(impl) 5), each wrapped in WRITTEN_SYSTEM;
-    None where its answer holds no "Good: ..." and "Bad: ..." lines that differ. principle_model: (model, its tokenizer)."""
+    None where its answer holds no "Good: ..." and "Bad: ..." lines that differ. principle_model: (model, tokenizer)."""
     model, tokenizer = principle_model
     prompts = [sso.chat_prompt_ids(tokenizer, PRINCIPLE_PROMPT.format(query=query)) for query in queries]
     stop_ids = sso.stop_token_ids(model, tokenizer)
