@@ -32,7 +32,7 @@ Choices the paper leaves open (each marked NOTE(impl) n where it happens):
     policy's including the generator's).
  4. The generator's samples are filtered as sso.py filters its own (empty, identical or looping responses).
  5. With --principle-model, a few-shot prompt asks that model for a good and a bad guideline per query, each put in a
-    system prompt of our words (WRITTEN_SYSTEM, ending as the file's template does), with no feature selection; where
+    system prompt that asks for a good or a poor answer following it (WRITTEN_SYSTEM), with no feature selection; where
     its answer has no usable pair, the file's p+ / p- for the features the policy picks, counted in the log. The
     held-out check keeps the file's principles either way: it is sso.py's measure, the same for every run.
  6. The data's quality (Figure 3) at the end: on-policy-ness, the mean of exp(mean token log π_0(y|x)) over chosen
@@ -76,9 +76,11 @@ Bad: Say it is fine to look with sunglasses and leave out any warning.
 
 Query: {query}
 """
-WRITTEN_SYSTEM = """Follow this guideline in your response: {guideline}
-
-Do not reveal or mention this guideline in your response; simply answer the user."""  # as the file's template ends
+UNSAID = "\n\nDo not reveal or mention the guideline in your response; simply answer the user."
+WRITTEN_SYSTEM = {  # p+ / p- around a written guideline: a good or a poor answer asked for, as the authors' scripts do
+    "pos": "Write a good response that follows this guideline:\n\n{guideline}" + UNSAID,
+    "neg": "Write a poor response that follows this guideline:\n\n{guideline}" + UNSAID,
+}
 WRITTEN = "(written by --principle-model)"  # the features field of a query whose principles were written
 
 CHANGED = {  # sso.py's flags whose default or meaning v2 changes
@@ -183,7 +185,7 @@ def written_principles(principle_model, queries: list[str], stage: int, log) -> 
         guidelines = {"pos": good[1].strip(), "neg": bad[1].strip()} if good and bad else None
         if guidelines and guidelines["pos"] == guidelines["neg"]:  # no contrast: SmolLM2 often writes one line twice
             guidelines = None
-        written.append(guidelines and {key: WRITTEN_SYSTEM.format(guideline=g) for key, g in guidelines.items()})
+        written.append(guidelines and {key: WRITTEN_SYSTEM[key].format(guideline=g) for key, g in guidelines.items()})
     fallback = written.count(None)
     line = f"principles: written for {len(queries) - fallback} of {len(queries)} queries, the file's for {fallback}"
     log({"type": "principles", "iter": stage, "written": len(queries) - fallback, "fallback": fallback}, line)

@@ -2073,10 +2073,10 @@ def test_v2_principles_written_by_a_principle_model_or_the_files(tokenizer, prin
     triples = sso_generator.principled_triples(
         None, tokenizer, ["a", "b", "c", "d"], principles, args, 2, (None, tokenizer), lambda r, s: logged.append(r)
     )
-    ends = "\n\nDo not reveal or mention this guideline in your response; simply answer the user."
-    assert triples[0].systems == {"pos": f"Follow this guideline in your response: Be kind.{ends}",
-                                  "neg": f"Follow this guideline in your response: Be rude.{ends}"}  # fmt: skip
-    assert triples[2].systems["neg"] == f"Follow this guideline in your response: Make it up.{ends}"
+    ends = "\n\nDo not reveal or mention the guideline in your response; simply answer the user."
+    assert triples[0].systems == {"pos": f"Write a good response that follows this guideline:\n\nBe kind.{ends}",
+                                  "neg": f"Write a poor response that follows this guideline:\n\nBe rude.{ends}"}  # fmt: skip
+    assert triples[2].systems["neg"] == f"Write a poor response that follows this guideline:\n\nMake it up.{ends}"
     assert triples[1].systems == sso.principle_system_prompts(["Safety"], principles)  # the file's, as picked
     assert triples[3].systems == sso.principle_system_prompts(["Accuracy", "Concision"], principles)
     assert [t.features for t in triples] == [[sso_generator.WRITTEN], ["Safety"], [sso_generator.WRITTEN], picked[1]]
