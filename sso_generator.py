@@ -182,10 +182,11 @@ def written_principles(principle_model, queries: list[str], stage: int, log) -> 
     written = []
     for answer in tokenizer.batch_decode(answers, skip_special_tokens=True):
         good, bad = (re.search(rf"^\W*{side}\W*:[\s*_]*(\S.*)$", answer, re.M | re.I) for side in ("good", "bad"))
-        guidelines = {"pos": good[1].strip(), "neg": bad[1].strip()} if good and bad else None
-        if guidelines and guidelines["pos"] == guidelines["neg"]:  # no contrast: SmolLM2 often writes one line twice
-            guidelines = None
-        written.append(guidelines and {key: WRITTEN_SYSTEM[key].format(guideline=g) for key, g in guidelines.items()})
+        guidelines = {"pos": good[1].strip(), "neg": bad[1].strip()} if good and bad else {}
+        if guidelines and guidelines["pos"] != guidelines["neg"]:  # SmolLM2 often writes one line twice: no contrast
+            written.append({key: WRITTEN_SYSTEM[key].format(guideline=g) for key, g in guidelines.items()})
+        else:
+            written.append(None)
     fallback = written.count(None)
     line = f"principles: written for {len(queries) - fallback} of {len(queries)} queries, the file's for {fallback}"
     log({"type": "principles", "iter": stage, "written": len(queries) - fallback, "fallback": fallback}, line)
