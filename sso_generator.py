@@ -290,13 +290,13 @@ def train_generator(policy, tokenizer, queries, principles, args, principle_mode
 def train_policy(policy, tokenizer, triples, args, stage: int, log):
     """Step 4's second half: the policy learns (x: y+ ≻ y-) with L_Base alone, against its own frozen copy (π_0);
     the data's quality is measured on the way. Returns (the policy, its record)."""
-    ref = sso.reference_logps(policy, triples, tokenizer.pad_token_id, args.batch_size, POLICY_PAIRS | JUDGE_PAIRS)
+    pad_id = tokenizer.pad_token_id
+    ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, POLICY_PAIRS | JUDGE_PAIRS)
     quality = data_quality(triples, ref, sso.stop_token_ids(policy, tokenizer)[0], args.seed)
     line = f"the policy's data | on-policy {quality['onpolicy']:.4f} | accurate: ends and shorter "
     line += f"{quality['acc_ends_shorter']:.2f}, π_0's reading {quality['acc_pi0_reads']:.2f}"
     log({"type": "data_quality", "iter": stage} | quality, line)
     policy_log = tag(log, "policy")
-    pad_id = tokenizer.pad_token_id
     policy, means = sso.train_model(
         policy,
         triples,

@@ -449,12 +449,16 @@ WORKLOADS = {"the README's 8B command": README_8B, "64 x 512": WORKLOAD_64x512, 
 WORKLOADS["the CPU check"] = CPU_CHECK
 
 
+def in_own_process(*flags: str) -> dict:
+    """This script run with the flags in a process of its own; the JSON line it prints last."""
+    done = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def predicted(shapes: str, workload: str, script: str, dtype: str = "bfloat16") -> dict:
     """predict() in a process of its own (a second trace in one process can crash torch as the first one's fake
     storages are freed): --predict-one prints the result as JSON."""
-    command = [sys.executable, __file__, "--predict-one", shapes, workload, script, dtype]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_own_process("--predict-one", shapes, workload, script, dtype)
 
 
 def check_on_cpu() -> None:
@@ -464,9 +468,7 @@ def check_on_cpu() -> None:
     )
     for script in ("sso.py", "sso_generator.py"):
         predicted_peak = predicted("SmolLM2-135M", "the CPU check", script, "float32")["peak_gib"]
-        command = [sys.executable, __file__, "--measure", script]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        real = json.loads(done.stdout.strip().splitlines()[-1])
+        real = in_own_process("--measure", script)
         print(
             f"| {script} | {predicted_peak:.2f} | {real['live_peak_gib']:.2f} | {real['growth_gib']:.2f} |", flush=True
         )
@@ -490,7 +492,6 @@ def main() -> None:
 
         predict(SHAPES[shapes], WORKLOADS[workload], getattr(torch, dtype), script, report)
         os._exit(0)  # the JSON is out; the fake tensors need not be freed
-        return
     if cli.measure or cli.check_on_cpu:
         hf_logging.set_verbosity_error()
         if cli.measure:

@@ -40,7 +40,7 @@ from safetensors.torch import load_file  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
-from bench_gpu_8b import LLAMA31_8B, TINY, TINY_WORKLOAD, WORKLOAD_64x512, build, iteration_with_check, predicted  # noqa: E402
+from bench_gpu_8b import SHAPES, TINY, WORKLOADS, build, iteration_with_check, predicted  # noqa: E402
 
 import sso  # noqa: E402
 import sso_generator  # noqa: E402
@@ -188,10 +188,10 @@ def experiments(model: str, run: Path, device: str) -> None:
 
 def eight_b_iteration(cpu: bool, dtype: torch.dtype) -> None:
     """One iteration of the 8B-shaped model at 64 x 512 (--cpu: tiny shapes and budgets), beside the prediction."""
-    shapes, workload = (TINY, TINY_WORKLOAD) if cpu else (LLAMA31_8B, WORKLOAD_64x512)
-    prediction = predicted("tiny" if cpu else "Llama-3.1-8B", "tiny" if cpu else "64 x 512", "sso.py", str(dtype)[6:])
+    shapes, workload = ("tiny", "tiny") if cpu else ("Llama-3.1-8B", "64 x 512")  # bench_gpu_8b's SHAPES, WORKLOADS
+    prediction = predicted(shapes, workload, "sso.py", str(dtype).removeprefix("torch."))
     predicted_phases = prediction["phases"]
-    result = iteration_with_check(shapes, torch.device("cpu" if cpu else "cuda"), dtype, workload)
+    result = iteration_with_check(SHAPES[shapes], torch.device("cpu" if cpu else "cuda"), dtype, WORKLOADS[workload])
     print(f"{'tiny' if cpu else '8B'}-shaped iteration: measured (predicted); memory on a GPU only")
     for label, seconds in result["seconds"].items():
         guess = predicted_phases.get(label, {"seconds": float("nan"), "peak_gib": float("nan")})

@@ -250,6 +250,11 @@ def variant_of(row: dict) -> str:
     return f"--variant {row['config']['variant']}" + (f" --principle-model {written}" if written else "")
 
 
+def error_bars(runs: list[dict], key: str) -> list[list[float]]:
+    """matplotlib's asymmetric error bars of a figure: how far each run's interval reaches below it and above it."""
+    return [[run[key] - run[f"{key}_low"] for run in runs], [run[f"{key}_high"] - run[key] for run in runs]]
+
+
 def plot_quality(rows: list[dict], path: Path) -> None:
     """v2 Figure 3 at class scale: each run's policy data, accuracy against on-policy-ness, a panel per judge."""
     import matplotlib
@@ -270,10 +275,7 @@ def plot_quality(rows: list[dict], path: Path) -> None:
             x, y = [run["onpolicy"] for run in runs], [run[key] for run in runs]
             bars = {}  # 95% intervals, where the run logged them
             if all(f"{key}_low" in run for run in runs):
-                bars["xerr"] = [[v - run["onpolicy_low"] for v, run in zip(x, runs)],
-                                [run["onpolicy_high"] - v for v, run in zip(x, runs)]]  # fmt: skip
-                bars["yerr"] = [[v - run[f"{key}_low"] for v, run in zip(y, runs)],
-                                [run[f"{key}_high"] - v for v, run in zip(y, runs)]]  # fmt: skip
+                bars = {"xerr": error_bars(runs, "onpolicy"), "yerr": error_bars(runs, key)}
             label = f"{variant} ({len(runs)} seeds)"
             axis.errorbar(x, y, **bars, fmt="o", color=f"C{number}", label=label, elinewidth=0.8, alpha=0.8)
         axis.set(title=title, xlabel="on-policy: mean exp(mean token log π_0(y|x))", ylabel="accuracy of the pairs")
