@@ -695,16 +695,16 @@ def save_iteration(folder: Path, policy, tokenizer, triples, record: dict, answe
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)  # with LoRA: the adapters alone, their base named in their config
     tokenizer.save_pretrained(tmp)
-    rows, triple_rows = [], []  # every pair; a row per triple: its first pair (v1's base) with SSO's own keys
+    rows, triple_rows = [], []  # every pair trained on; a row per triple: x: y+ > y- (v1's base pair) with SSO's keys
     for t in triples:
-        for pair, (context, good, bad) in pairs.items():
+        for pair, (context, good, bad) in (pairs | {"triple": PAIRS["base"]}).items():  # the triple's own row last
             prompt = chat_messages(tokenizer, t.query, t.systems.get(context))
             chosen = [{"role": "assistant", "content": t.texts[good]}]
             rejected = [{"role": "assistant", "content": t.texts[bad]}]
             rows.append({"pair": pair, "prompt": prompt, "chosen": chosen, "rejected": rejected})
         extra = {"plain": t.texts.get("plain"), "features": t.features}
         extra |= {f"{k}_system": v for k, v in t.systems.items()}
-        triple_rows.append({k: v for k, v in rows[-len(pairs)].items() if k != "pair"} | extra)
+        triple_rows.append({k: v for k, v in rows.pop().items() if k != "pair"} | extra)  # not among the pairs
     for name, lines in (("triples", triple_rows), ("pairs", rows), ("held_out_answers", answers)):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (tmp / "metrics.json").write_text(json.dumps(record, indent=2))

@@ -5,17 +5,18 @@ its building blocks (principles, prompts, sampling, filters, log-probs, the pref
 saving), so a reader who knows sso.py recognises every call.
 
 v2 keeps v1's contrastive principles and three responses, but instead of steering the policy while it trains, it
-trains a data generator from the policy, and the policy then learns from the generator's data (Section 4, Figure 2):
+trains a data generator from the policy, and the policy then learns from the generator's data (Section 4.1, Figure 2):
 1. Principles: for each query x a good principle p+ and a bad one p-, as system messages: x+ = (p+, x), x- = (p-, x).
 2. Sampling: the policy π_θ samples y+ ~ π(·|x+), y- ~ π(·|x-) and yo ~ π(·|x).
-3. The generator, a copy of the policy, is trained against the frozen policy with L_SSO = L+ + L-, where
-   L+ = L_Base(x+; y+ ≻ y-) + γ·L_sft(x+, y+) and L- = L_Base(x-; yo ≻ y+) + γ·L_sft(x-, yo): under p+ it must
-   prefer y+, under p- it must stay with the on-policy yo rather than drift to y+. No W and no base pair (v1's).
+3. The generator, a copy of the policy, is trained against the frozen policy with L_SSO = L+ + L- (Section 4.2,
+   Eq. 1), where L+ = L_Base(x+; y+ ≻ y-) + γ·L_sft(x+, y+) (Eq. 2) and L- = L_Base(x-; yo ≻ y+) + γ·L_sft(x-, yo)
+   (Eq. 4): under p+ it must prefer y+, under p- it must stay with the on-policy yo rather than drift to y+. No W and
+   no base pair (v1's).
 4. The generator samples y+ under x+ and y- under x- for the policy's queries (more than its own), and the policy,
    not the generator, is trained on (x; y+ ≻ y-) with L_Base alone, against its own frozen copy.
 Then sso.py's held-out check of the policy against π_0, so that v1 and v2 runs compare line by line. The variants
-(Tables 3 and 4): PBAA skips step 3 (the policy's own samples under x+ and x- train it); L+ alone; L- alone; and the
-"Formula 3" L- the paper rejects, L_Base(x-; y- ≻ y+) + γ·L_sft(x-, y-).
+(Section 6, Tables 3 and 4): PBAA skips step 3 (the policy's own samples under x+ and x- train it); L+ alone; L- alone;
+and the L- the paper rejects, Eq. 3 ("Formula 3"), L_Base(x-; y- ≻ y+) + γ·L_sft(x-, y-).
 
 Notation, paper → code:  x, x+, x- → contexts["x"|"pos"|"neg"] of an sso.Triple;  y+, y-, yo → ids / texts
     ["chosen"|"rejected"|"plain"];  π_θ → policy;  the data generator → generator;  L_Base → sso.preference_loss
@@ -28,8 +29,8 @@ Choices the paper leaves open (each marked NOTE(impl) n where it happens):
  2. The generator is a copy of the policy trained with sso.py's route (a new fp32 LoRA adapter of rank 16 on the frozen
     base, or full fine-tuning with --lora-rank 0), one epoch; the policy likewise on the generator's data. lr 1e-4,
     not sso.py's 3e-4: DPO on summed log-probs at 3e-4 made the policy's answers loop (experiments/README.md, sec. 9).
- 3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2: 8k and 60k, the
-    policy's including the generator's).
+ 3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2, Section 5.1: 8k
+    and all 60k, the policy's including the generator's).
  4. The generator's samples are filtered as sso.py filters its own (empty, identical or looping responses).
  5. With --principle-model, a few-shot prompt asks that model for a good and a bad guideline per query, each put in a
     system prompt that asks for a good or a poor answer following it (WRITTEN_SYSTEM), with no feature selection; where
@@ -41,7 +42,8 @@ Choices the paper leaves open (each marked NOTE(impl) n where it happens):
     the paper has a principle model write a pair per query: its writer (Qwen2.5-72B, or 3B in Table 5) is out of
     reach offline on a CPU, and the file's principles keep v1 and v2 runs comparable. --principle-model asks a model
     instead (`policy`: SmolLM2 writing its own at class scale).
- 8. yo is sampled as y+ and y- are (temperature 0.7, top-p 0.8); the authors' scripts sample it greedily.
+ 8. yo is sampled as y+ and y- are (temperature 0.7, top-p 0.8, as Section 5.1 has every response); the authors'
+    scripts sample it greedily.
 """
 
 import copy
@@ -55,11 +57,11 @@ from tqdm import tqdm
 
 import sso
 
-GENERATOR_PAIRS = {  # v2 Section 4: the pairs of L+ and L- as (context, chosen, rejected); sft on the chosen
-    "pos": sso.PAIRS["pos"],  # L+: x+: y+ ≻ y-
-    "neg": sso.PAIRS["neg"],  # L-: x-: yo ≻ y+
+GENERATOR_PAIRS = {  # v2 Section 4.2: the pairs of L+ and L- as (context, chosen, rejected); sft on the chosen
+    "pos": sso.PAIRS["pos"],  # L+ (Eq. 2): x+: y+ ≻ y-
+    "neg": sso.PAIRS["neg"],  # L- (Eq. 4): x-: yo ≻ y+
 }
-FORMULA_3 = ("neg", "rejected", "chosen")  # the L- the paper rejects (Formula 3, Table 4): x-: y- ≻ y+
+FORMULA_3 = ("neg", "rejected", "chosen")  # the L- the paper rejects (Eq. 3; Section 6.2, Table 4): x-: y- ≻ y+
 POLICY_PAIRS = {"base": sso.PAIRS["base"]}  # step 4: the policy learns x: y+ ≻ y- from the generator's data
 JUDGE_PAIRS = {"judge_pos": ("pos", "chosen", "rejected"), "judge_neg": ("neg", "chosen", "rejected")}  # π_0's reading
 VARIANTS = ("sso", "pbaa", "pos", "neg", "formula3")  # L+ + L-, no generator, L+ alone, L- alone, L+ + Formula 3
@@ -109,10 +111,10 @@ FLAGS += [
 ]
 
 
-# --- L_SSO = L+ + L-: a pure function of log-prob tensors (v2 Section 4.2) --------------------------------------------
+# --- L_SSO = L+ + L- (Eq. 1): a pure function of log-prob tensors (v2 Section 4.2) -----------------------------------
 def generator_loss(policy: dict, reference: dict, *, beta=0.1, gamma=0.1, loss_type="dpo", use_pos=True, use_neg=True):
-    """L_SSO = L+ + L- with L± = L_Base(x±; chosen ≻ rejected) + γ·L_sft(x±, chosen) (v2 Section 4.2; L-: Eq. 4);
-    use_pos / use_neg: the Table 3 ablations. Shape: every value of policy and reference (B,).
+    """L_SSO = L+ + L- with L± = L_Base(x±; chosen ≻ rejected) + γ·L_sft(x±, chosen) (v2 Section 4.2: Eq. 1; L+:
+    Eq. 2; L-: Eq. 4, or Eq. 3 with formula3); use_pos / use_neg: the Table 3 ablations. Shape: every value (B,).
     Returns (the batch-mean loss, metrics)."""
     assert use_pos or use_neg, "L_SSO needs L+, L- or both"
     losses, margins, sft = {}, {}, {}
@@ -196,7 +198,8 @@ def written_principles(principle_model, queries: list[str], stage: int, log) -> 
 def principled_triples(policy, tokenizer, queries, principles, args, key: int, principle_model, log) -> list:
     """x with its p+ / p- (step 1), before any response: written by the principle model, if any; otherwise (and where it
     wrote none) the file's, for the features the policy picks (NOTE(impl) 7). key: 1 for the generator's queries, 2 for
-    the policy's in every variant, so that a query gets the same principles in each."""
+    the policy's in every variant, so that a query gets the same principles in each (as the paper's Section 6.4 gives
+    every model the same principles)."""
     written = written_principles(principle_model, queries, key, log) if principle_model else [None] * len(queries)
     rest = [query for query, systems in zip(queries, written) if systems is None]
     rng = random.Random(args.seed * 1000 + key)  # and --resume reproduces an uninterrupted run

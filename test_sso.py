@@ -1917,6 +1917,11 @@ def test_v2_end_to_end_writes_trl_rows_and_resumes_after_the_generator(tiny_dir,
     generator_rows = [json.loads(line) for line in (out / "generator" / "pairs.jsonl").read_text().splitlines()]
     assert [row["pair"] for row in generator_rows[:2]] == ["pos", "neg"]
     assert generator_rows[0]["prompt"][0]["role"] == "system"  # x+: p+ as the system message
+    generator_triples = [json.loads(line) for line in (out / "generator" / "triples.jsonl").read_text().splitlines()]
+    assert len(generator_triples) == len(generator_rows) // 2 and all(  # a row per triple, whatever the stage trains
+        [m["role"] for m in row["prompt"]] == ["user"] and row["pos_system"] for row in generator_triples
+    )  # x: y+ > y-, the triple itself, with p+ and p- beside it
+    assert [row["chosen"] for row in generator_triples] == [row["chosen"] for row in generator_rows[::2]]
     policy_rows = [json.loads(line) for line in (out / "policy" / "pairs.jsonl").read_text().splitlines()]
     triples = [json.loads(line) for line in (out / "policy" / "triples.jsonl").read_text().splitlines()]
     assert policy_rows and all(
@@ -1937,23 +1942,40 @@ def test_v2_end_to_end_writes_trl_rows_and_resumes_after_the_generator(tiny_dir,
     assert len([r for r in metrics(out) if r["type"] == "held_out"]) == 2  # the unfinished step's lines went
 
 
-def test_v2_pbaa_skips_the_generator_and_variants_change_the_loss(tiny_dir, tmp_path):
+def test_v2_pbaa_skips_the_generator_and_variants_change_the_loss(tiny_dir, tmp_path, monkeypatch):
+    """PBAA trains no generator; each variant's terms reach the generator's training through run: the pairs it scores
+    (a spy records them) and, at step 1, a loss of the one term used."""
     pbaa = ["--model", tiny_dir, *V2_RUN, "--variant", "pbaa", "--principle-model", tiny_dir]
     sso_generator.main([*pbaa, "--output-dir", str(tmp_path / "pbaa")])
     assert not (tmp_path / "pbaa" / "generator").exists() and (tmp_path / "pbaa" / "policy").is_dir()
     written = [r for r in metrics(tmp_path / "pbaa") if r["type"] == "principles"]  # a random model writes none
     assert [(r["written"], r["fallback"]) for r in written] == [(0, 4)]
+    real_train, trained = sso.train_model, {}
+
+    def spy_train(model, triples, ref, pad_id, args, iteration, log, objective, pairs):
+        if objective is sso_generator.generator_objective:
+            trained[args.variant] = pairs
+        return real_train(model, triples, ref, pad_id, args, iteration, log, objective, pairs)
+
+    monkeypatch.setattr(sso, "train_model", spy_train)
     losses = {}
-    for variant in ("pos", "neg"):
+    for variant in ("pos", "neg", "formula3"):
         sso_generator.main(
             ["--model", tiny_dir, *V2_RUN, "--variant", variant, "--output-dir", str(tmp_path / variant)]
         )
         steps = [r for r in metrics(tmp_path / variant) if r.get("stage") == "generator"]
         losses[variant] = steps[0]
-    for variant, used in (("pos", "pos"), ("neg", "neg")):  # step 1: L = ℓ (log 2) + γ·L_sft of the one term used
-        first = losses[variant]
-        assert first["loss"] == pytest.approx(first[f"loss_{used}"] + 0.1 * first["loss_sft"], rel=1e-5)
-        assert first[f"loss_{used}"] == pytest.approx(math.log(2), rel=1e-5)
+    l_minus = {
+        "pos": ("neg", "plain", "chosen"),
+        "neg": ("neg", "plain", "chosen"),
+        "formula3": ("neg", "rejected", "chosen"),
+    }
+    for variant, neg in l_minus.items():  # Eq. 4's x-: yo > y+, or Eq. 3's x-: y- > y+; L+ always x+: y+ > y-
+        assert trained[variant] == {"pos": ("pos", "chosen", "rejected"), "neg": neg}
+    for variant, used in (("pos", ["pos"]), ("neg", ["neg"]), ("formula3", ["pos", "neg"])):  # step 1: ℓ = log 2
+        first = losses[variant]  # L = Σ ℓ + γ·L_sft over the terms used
+        assert first["loss"] == pytest.approx(sum(first[f"loss_{u}"] for u in used) + 0.1 * first["loss_sft"], rel=1e-5)
+        assert all(first[f"loss_{u}"] == pytest.approx(math.log(2), rel=1e-5) for u in used)
 
 
 def pair_logps_from(values: dict) -> dict:
