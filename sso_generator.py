@@ -268,9 +268,11 @@ def stages(args) -> list[str]:
 def train_generator(policy, tokenizer, queries, principles, args, principle_model, log):
     """Steps 1-3: x with p+ / p-; y+, y-, yo from the policy; the generator, a copy of the policy trained against it
     (frozen) with L_SSO. Returns (the generator, its triples, its record, its pairs)."""
-    triples = principled_triples(policy, tokenizer, queries, principles, args, 1, principle_model, log)
+    triples = principled_triples(
+        policy, tokenizer, queries, principles, args, key=1, principle_model=principle_model, log=log
+    )
     responses = ("chosen", "rejected", "plain")  # y+, y-, yo: all three sampled alike (NOTE(impl) 8)
-    triples = sampled(policy, tokenizer, triples, args, responses, "policy's samples", 1, log)
+    triples = sampled(policy, tokenizer, triples, args, responses, who="policy's samples", stage=1, log=log)
     pairs = generator_pairs(args)
     pad_id = tokenizer.pad_token_id
     ref = sso.reference_logps(policy, triples, pad_id, args.batch_size, pairs)  # the frozen policy's log-probs
@@ -342,9 +344,11 @@ def run(args) -> Path:
         sso.save_iteration(out / "generator", generator, tokenizer, triples, record, [], pairs)
     # 4. the generator writes y+ under x+ and y- under x- for the policy's queries; the policy learns them
     stage = len(steps)
-    triples = principled_triples(policy, tokenizer, policy_queries, principles, args, 2, principle_model, log)
+    triples = principled_triples(
+        policy, tokenizer, policy_queries, principles, args, key=2, principle_model=principle_model, log=log
+    )
     who = "generator's data" if generator is not policy else "policy's own data (PBAA)"
-    triples = sampled(generator, tokenizer, triples, args, ("chosen", "rejected"), who, stage, log)
+    triples = sampled(generator, tokenizer, triples, args, ("chosen", "rejected"), who=who, stage=stage, log=log)
     del generator
     policy, record = train_policy(policy, tokenizer, triples, args, stage, log)
     # then sso.py's held-out check of the policy against π_0, and the policy saved with its pairs
