@@ -276,11 +276,11 @@ def plot_quality(rows: list[dict], path: Path) -> None:
             bars = {}  # 95% intervals, where the run logged them
             if all(f"{key}_low" in run for run in runs):
                 bars = {"xerr": error_bars(runs, "onpolicy"), "yerr": error_bars(runs, key)}
-            label = f"{variant} ({len(runs)} seeds)"
+            label = f"{variant} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
             axis.errorbar(x, y, **bars, fmt="o", color=f"C{number}", label=label, elinewidth=0.8, alpha=0.8)
         axis.set(title=title, xlabel="on-policy: mean exp(mean token log π_0(y|x))", ylabel="accuracy of the pairs")
         if variants:
-            axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+            axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)  # each under its panel
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
