@@ -27,8 +27,9 @@ Choices the paper leaves open (each marked NOTE(impl) n where it happens):
  1. L_sft is the mean negative log-likelihood of the response tokens alone (the released trainer averages over every
     position of the padded sequence, prompt and padding included).
  2. The generator is a copy of the policy trained with sso.py's route (a new fp32 LoRA adapter of rank 16 on the frozen
-    base, or full fine-tuning with --lora-rank 0), one epoch; the policy likewise on the generator's data. lr 1e-4,
-    not sso.py's 3e-4: DPO on summed log-probs at 3e-4 made the policy's answers loop (experiments/README.md, sec. 9).
+    base, or full fine-tuning with --lora-rank 0), one epoch; the policy likewise on the generator's data. lr 1e-4
+    for LoRA at batch 1 (Section 5.1: 5e-7, full fine-tuning, batches of 32 and 256); at sso.py's 3e-4, DPO on
+    summed log-probs made the policy's answers loop (experiments/README.md, sec. 9).
  3. Budgets for 2 CPU cores: the generator learns from 24 queries, the policy from 48 others (v2, Section 5.1: 8k
     and all 60k, the policy's including the generator's).
  4. The generator's samples are filtered as sso.py filters its own (empty, identical or looping responses).
@@ -37,7 +38,8 @@ Choices the paper leaves open (each marked NOTE(impl) n where it happens):
     its answer has no usable pair, the file's p+ / p- for the features the policy picks, counted in the log. The
     held-out check keeps the file's principles either way: it is sso.py's measure, the same for every run.
  6. The data's quality (Figure 3) at the end: on-policy-ness, the mean of exp(mean token log π_0(y|x)) over chosen
-    and rejected, and accuracy by two judges (data_quality): a length judge and π_0's own reading of p+ / p-.
+    and rejected, and accuracy by two judges (data_quality): a length judge and π_0's own reading of p+ / p- (the
+    paper's judge, GPT-4 on 200 pairs in both orders, is out of reach offline).
  7. Step 1 takes p+ / p- from the principles file by default (sso.py's, for the features the policy picks), where
     the paper has a principle model write a pair per query: its writer (Qwen2.5-72B, or 3B in Table 5) is out of
     reach offline on a CPU, and the file's principles keep v1 and v2 runs comparable. --principle-model asks a model
