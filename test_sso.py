@@ -1944,7 +1944,7 @@ def test_v2_end_to_end_writes_trl_rows_and_resumes_after_the_generator(tiny_dir,
 
 def test_v2_pbaa_skips_the_generator_and_variants_change_the_loss(tiny_dir, tmp_path, monkeypatch):
     """PBAA trains no generator; each variant's terms reach the generator's training through run: the pairs it scores
-    (a spy records them) and, at step 1, a loss of the one term used."""
+    (a spy records them) and, at step 1, a loss of the terms used."""
     pbaa = ["--model", tiny_dir, *V2_RUN, "--variant", "pbaa", "--principle-model", tiny_dir]
     sso_generator.main([*pbaa, "--output-dir", str(tmp_path / "pbaa")])
     assert not (tmp_path / "pbaa" / "generator").exists() and (tmp_path / "pbaa" / "policy").is_dir()
